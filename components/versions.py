@@ -1,0 +1,30 @@
+"""The pinned versions file and the bundle key derived from it.
+
+Pure Python (no Pulumi import) so the offline toolchain build (``tools/``) and the program
+share one definition of where a node bundle for a given set of versions lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+
+VERSIONS_FILE = Path(__file__).resolve().parent.parent / "versions.toml"
+
+
+def load_versions(path: Path = VERSIONS_FILE) -> dict:
+    """Parse ``versions.toml`` into ``{"pulumi": {...}, "providers": {...}, "node": {...}}``."""
+    with path.open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def bundle_key(node_versions: dict[str, str]) -> str:
+    """Directory name of the node bundle built for exactly these versions.
+
+    ``node-<12 hex>``: a hash of the sorted ``[node]`` table, so any version change gives a
+    new bundle and a stale one is never mistaken for the current one.
+    """
+    canon = json.dumps(dict(sorted(node_versions.items())), separators=(",", ":"))
+    return "node-" + hashlib.sha256(canon.encode()).hexdigest()[:12]
