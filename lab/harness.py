@@ -42,6 +42,14 @@ DEFAULT_POOL = "kubelab"
 URI = "qemu:///system"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 NETNS_DIR = Path("/run/netns")
+NETNS_ETC = Path("/etc/netns")
+# `ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf, so libvirtd
+# and the dnsmasq it spawns for VM networks forward DNS only to the namespace's own loopback
+# (where nothing answers): no query can leave the lab.
+NETNS_RESOLV_CONF = (
+    "# kubelab lab namespace (lab/harness.py): no upstream DNS, nothing leaves the lab\n"
+    "nameserver 127.0.0.1\n"
+)
 
 # qemu.conf settings the lab needs on these machines (no AppArmor/SELinux, no udev, root):
 # - security_driver "none": the "dac" driver chowns disk files to libvirt-qemu and does not
@@ -130,6 +138,7 @@ class Started:
 class State:
     netns: str
     netns_created: bool = False
+    resolv_conf_created: bool = False
     started: list[Started] = field(default_factory=list)
     pool: str = ""
     pool_dir: str = ""
@@ -287,6 +296,11 @@ class Lab:
             state.netns_created = True
             log(f"created network namespace {self.netns}")
         self.run(["ip", "link", "set", "lo", "up"])
+        resolv = NETNS_ETC / self.netns / "resolv.conf"
+        if not resolv.exists():
+            resolv.parent.mkdir(parents=True, exist_ok=True)
+            resolv.write_text(NETNS_RESOLV_CONF)
+            state.resolv_conf_created = True
         state.save(self.state_file)
 
         for name, args in (("virtlogd", ["virtlogd"]), ("libvirtd", ["libvirtd"])):
@@ -408,6 +422,11 @@ class Lab:
                 stop_process(Started(proc_comm(pid), pid, proc_starttime(pid) or -1))
             subprocess.run(["ip", "netns", "delete", self.netns], check=True)
             log(f"deleted network namespace {self.netns}")
+        if state.resolv_conf_created:
+            resolv = NETNS_ETC / state.netns / "resolv.conf"
+            resolv.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                resolv.parent.rmdir()
         self.state_file.unlink(missing_ok=True)
         log("lab down")
 
