@@ -1,0 +1,216 @@
+"""Where node binaries come from, verified before anything is uploaded.
+
+Two sources share one layout (see ``tools/bundle_build.py``)::
+
+    bin/<kube-*, kubectl, etcd*, containerd*, ctr, runc, flanneld, coredns>
+    cni/<bridge, host-local, loopback, portmap, flannel>
+    images/<pause.tar, coredns.tar>     (directory source only)
+    SHA256SUMS, versions.json
+
+* ``directory``: a pre-staged bundle (``make tools`` builds one from Go modules, or copy one
+  into an air-gapped network), checked file by file against its ``SHA256SUMS``.
+* ``download``: official release URLs, fetched once into a host-side cache with a progress
+  line per file and verified against a sha256 (pinned in ``binaries.sha256`` or, failing
+  that, the checksum file published with the release), then unpacked into the same layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.config import BinariesConfig
+from components.versions import bundle_key
+
+# Bundle files per install step.
+CONTROL_PLANE_FILES = ("bin/etcd", "bin/etcdctl", "bin/kube-apiserver", "bin/kube-controller-manager",
+                       "bin/kube-scheduler", "bin/kubectl")
+NETWORK_FILES = ("bin/flanneld",)
+WORKER_FILES = ("bin/containerd", "bin/ctr", "bin/containerd-shim-runc-v2", "bin/runc", "cni/bridge",
+                "cni/host-local", "cni/loopback", "cni/portmap", "cni/flannel", "bin/kubelet", "bin/kube-proxy")
+IMAGE_FILES = ("images/pause.tar", "images/coredns.tar")
+ALL_FILES = CONTROL_PLANE_FILES + NETWORK_FILES + WORKER_FILES
+
+
+class BinaryError(Exception):
+    """A bundle or download problem; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: bundle-relative path -> local file with its checksum."""
+
+    root: Path
+    files: dict[str, LocalFile]
+
+    def get(self, rel: str) -> LocalFile:
+        return self.files[rel]
+
+    @property
+    def images(self) -> tuple[str, ...]:
+        return tuple(f for f in IMAGE_FILES if f in self.files)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_sums(path: Path) -> dict[str, str]:
+    sums = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            sums[name.lstrip("*")] = digest
+    return sums
+
+
+def open_directory(root: Path, versions: dict[str, str], require_images: bool = True) -> Bundle:
+    """Verify a bundle directory against its manifest and the configured versions."""
+    sums_file = root / "SHA256SUMS"
+    if not sums_file.is_file():
+        raise BinaryError(
+            f"binaries.path: {root} is not a kubelab bundle (no SHA256SUMS); run `make tools` to build "
+            f"one for these versions, or set binaries.path to a bundle directory"
+        )
+    vfile = root / "versions.json"
+    if vfile.is_file():
+        built = json.loads(vfile.read_text())
+        diff = {k: (built.get(k), v) for k, v in versions.items() if built.get(k) != v}
+        if diff:
+            listed = ", ".join(f"{k} {b} (want {w})" for k, (b, w) in sorted(diff.items()))
+            raise BinaryError(f"binaries.path: bundle {root} was built for other versions: {listed}; rebuild it with `make tools`")
+    sums = read_sums(sums_file)
+    wanted = ALL_FILES + (IMAGE_FILES if require_images else ())
+    files: dict[str, LocalFile] = {}
+    for rel in wanted:
+        path = root / rel
+        if rel not in sums:
+            raise BinaryError(f"binaries.path: {rel} is not listed in {sums_file}; the bundle is incomplete, rebuild it")
+        if not path.is_file():
+            raise BinaryError(f"binaries.path: {path} is missing; the bundle is incomplete, rebuild it with `make tools`")
+        actual = sha256_file(path)
+        if actual != sums[rel]:
+            raise BinaryError(f"binaries.path: {path} is corrupt (sha256 {actual}, manifest says {sums[rel]}); rebuild or re-copy the bundle")
+        files[rel] = LocalFile(path, actual)
+    for rel in IMAGE_FILES:
+        if rel not in files and rel in sums and (root / rel).is_file():
+            files[rel] = LocalFile(root / rel, sums[rel])
+    return Bundle(root=root, files=files)
+
+
+# --- download source --------------------------------------------------------------------------
+
+GITHUB = "https://github.com"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One release file: where it is, where its published checksum is, what it provides."""
+
+    url: str
+    checksum_url: str
+    provides: dict[str, str]  # bundle path -> member name inside the archive ("" = the file itself)
+
+
+def artifacts(versions: dict[str, str]) -> list[Artifact]:
+    """Official linux/amd64 release URLs for these versions."""
+    k8s, etcd, ctd = versions["kubernetes"], versions["etcd"], versions["containerd"]
+    runc, cni, fl = versions["runc"], versions["cni_plugins"], versions["flannel"]
+    flcni, dns = versions["flannel_cni_plugin"], versions["coredns"]
+    out = []
+    for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl"):
+        url = f"https://dl.k8s.io/release/v{k8s}/bin/linux/amd64/{name}"
+        out.append(Artifact(url, url + ".sha256", {f"bin/{name}": ""}))
+    etcd_url = f"{GITHUB}/etcd-io/etcd/releases/download/v{etcd}/etcd-v{etcd}-linux-amd64.tar.gz"
+    out.append(Artifact(etcd_url, f"{GITHUB}/etcd-io/etcd/releases/download/v{etcd}/SHA256SUMS",
+                        {f"bin/{b}": f"etcd-v{etcd}-linux-amd64/{b}" for b in ("etcd", "etcdctl", "etcdutl")}))
+    ctd_url = f"{GITHUB}/containerd/containerd/releases/download/v{ctd}/containerd-{ctd}-linux-amd64.tar.gz"
+    out.append(Artifact(ctd_url, ctd_url + ".sha256sum",
+                        {f"bin/{b}": f"bin/{b}" for b in ("containerd", "ctr", "containerd-shim-runc-v2")}))
+    out.append(Artifact(f"{GITHUB}/opencontainers/runc/releases/download/v{runc}/runc.amd64",
+                        f"{GITHUB}/opencontainers/runc/releases/download/v{runc}/runc.sha256sum", {"bin/runc": ""}))
+    cni_url = f"{GITHUB}/containernetworking/plugins/releases/download/v{cni}/cni-plugins-linux-amd64-v{cni}.tgz"
+    out.append(Artifact(cni_url, cni_url + ".sha256",
+                        {f"cni/{p}": f"./{p}" for p in ("bridge", "host-local", "loopback", "portmap")}))
+    fl_url = f"{GITHUB}/flannel-io/flannel/releases/download/v{fl}/flannel-v{fl}-linux-amd64.tar.gz"
+    out.append(Artifact(fl_url, fl_url + ".sha256", {"bin/flanneld": "flanneld"}))
+    flcni_url = f"{GITHUB}/flannel-io/cni-plugin/releases/download/v{flcni}/cni-plugin-flannel-linux-amd64-v{flcni}.tgz"
+    out.append(Artifact(flcni_url, flcni_url + ".sha256", {"cni/flannel": "flannel-amd64"}))
+    dns_url = f"{GITHUB}/coredns/coredns/releases/download/v{dns}/coredns_{dns}_linux_amd64.tgz"
+    out.append(Artifact(dns_url, dns_url + ".sha256", {"bin/coredns": "coredns"}))
+    return out
+
+
+def _fetch(url: str) -> bytes:
+    print(f"kubelab: downloading {url}", file=sys.stderr, flush=True)
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        return resp.read()
+
+
+def _expected_sum(art: Artifact, pinned: dict[str, str]) -> str:
+    name = art.url.rsplit("/", 1)[1]
+    if name in pinned:
+        return pinned[name]
+    text = _fetch(art.checksum_url).decode()
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 1 and len(parts[0]) == 64:
+            return parts[0]
+        if len(parts) >= 2 and parts[1].lstrip("*").rsplit("/", 1)[-1] == name:
+            return parts[0]
+    raise BinaryError(f"binaries: no sha256 for {name} in {art.checksum_url}; pin it in binaries.sha256")
+
+
+def download_bundle(cfg: BinariesConfig, versions: dict[str, str], arts: list[Artifact] | None = None) -> Bundle:
+    """Fetch (once) and verify every release file, then unpack into the bundle layout."""
+    root = Path(cfg.path) / bundle_key(versions)
+    if (root / "SHA256SUMS").is_file():
+        return open_directory(root, versions, require_images=False)
+    tmp = root.with_name(root.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for art in arts if arts is not None else artifacts(versions):
+        data = _fetch(art.url)
+        want = _expected_sum(art, cfg.sha256)
+        got = hashlib.sha256(data).hexdigest()
+        if got != want:
+            raise BinaryError(f"binaries: checksum mismatch for {art.url}: got {got}, expected {want}; nothing was uploaded")
+        for rel, member in art.provides.items():
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if member == "":
+                dest.write_bytes(data)
+            else:
+                with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                    fh = tar.extractfile(member)
+                    if fh is None:
+                        raise BinaryError(f"binaries: {member} not found in {art.url}")
+                    dest.write_bytes(fh.read())
+            dest.chmod(0o755)
+    (tmp / "versions.json").write_text(json.dumps(versions, indent=2, sort_keys=True) + "\n")
+    lines = [f"{sha256_file(tmp / rel)}  {rel}" for rel in sorted(ALL_FILES)]
+    (tmp / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    tmp.rename(root)
+    return open_directory(root, versions, require_images=False)
+
+
+def resolve(cfg: BinariesConfig, versions: dict[str, str]) -> Bundle:
+    """The verified bundle for this stack, from whichever source is configured."""
+    if cfg.source == "directory":
+        return open_directory(Path(cfg.path), versions)
+    return download_bundle(cfg, versions)

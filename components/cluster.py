@@ -1,0 +1,78 @@
+"""The cluster, top to bottom in bootstrap order."""
+
+from __future__ import annotations
+
+import pulumi
+
+from components.addons import Addons
+from components.binaries import Bundle
+from components.config import ClusterConfig
+from components.control_plane import ControlPlane
+from components.host import HostAccess, StepSpec
+from components.network import PodNetwork
+from components.pki import ClusterPki, kubeconfig
+from components.platforms import platform
+from components.worker import WorkerNode
+
+
+class Cluster(pulumi.ComponentResource):
+    """A Kubernetes cluster from release binaries on the configured platform.
+
+    Outputs: ``apiserver_url``, ``kubeconfig`` (secret, admin), ``nodes`` (name, role,
+    address, private address).
+    """
+
+    def __init__(self, name: str, cfg: ClusterConfig, bundle: Bundle, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kubelab:index:Cluster", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+
+        # 1. Machines: VMs, droplets or existing hosts, behind one contract.
+        fleet = platform(cfg.platform)(cfg, self)
+        machines = {m.name: m for m in fleet.machines}
+        masters = [machines[n.name] for n in cfg.master_nodes]
+
+        # 2. PKI, held in state.
+        pki = ClusterPki(
+            "pki", cfg,
+            master_addresses=[m.private_address for m in masters],
+            public_endpoints=[fleet.api_endpoint, *[m.host for m in masters]],
+            node_addresses={m.name: [m.private_address, m.host] for m in fleet.machines},
+            opts=child,
+        )
+
+        # 3. Every host answers on SSH and has finished booting.
+        hosts = {m.name: HostAccess(m, bundle, opts=child) for m in fleet.machines}
+        first = hosts[masters[0].name]
+
+        # 4. Control plane: etcd → kube-apiserver → controller-manager, scheduler.
+        control_plane = ControlPlane("control-plane", cfg, hosts, pki, opts=child)
+
+        # 5. Pod network: flanneld on every node.
+        pod_network = PodNetwork("pod-network", cfg, hosts, pki, control_plane, opts=child)
+
+        # 6. Nodes that run workloads: containerd → kubelet → kube-proxy.
+        api_internal = pulumi.Output.concat("https://", masters[0].private_address, ":6443")
+        workers = [
+            WorkerNode(n, cfg, hosts[n.name], pki, api_internal, control_plane.ready,
+                       pod_network.flanneld[n.name], opts=child)
+            for n in cfg.workload_nodes
+        ]
+
+        # 7. Addons: CoreDNS (and the Dashboard when enabled).
+        addons = Addons("addons", cfg, first, control_plane.ready, opts=child)
+
+        # 8. Done only when every node is Ready and the addons have rolled out.
+        self.ready = first.step("cluster-ready", "scripts/wait-cluster-ready.sh.j2", StepSpec(
+            context={"expected_nodes": [n.name for n in cfg.workload_nodes], "tries": 180,
+                     "deployments": addons.deployments, "rollout_timeout": "600s"},
+        ), parent=self, depends_on=[*[s for w in workers for s in w.steps], *pod_network.flanneld.values(),
+                                    *addons.steps], timeout="30m")
+
+        self.apiserver_url = pulumi.Output.concat("https://", fleet.api_endpoint, ":6443")
+        self.kubeconfig = kubeconfig(cfg.name, self.apiserver_url, pki.ca.cert, pki.admin, "admin")
+        self.nodes = pulumi.Output.all(*[
+            pulumi.Output.all(m.host, m.private_address).apply(
+                lambda v, m=m: {"name": m.name, "role": m.role, "address": v[0], "privateAddress": v[1]})
+            for m in fleet.machines
+        ])
+        self.register_outputs({"apiserver_url": self.apiserver_url, "kubeconfig": self.kubeconfig, "nodes": self.nodes})

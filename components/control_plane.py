@@ -1,0 +1,133 @@
+"""The control plane: etcd, then kube-apiserver, then controller-manager and scheduler."""
+
+from __future__ import annotations
+
+import pulumi
+
+from components.config import ClusterConfig
+from components.host import Binary, Check, File, HostAccess, SecretFile, StepSpec
+from components.pki import ClusterPki, kubeconfig
+from components.render import render
+
+LOCAL_API = "https://127.0.0.1:6443"
+
+
+def https_urls(addresses: list[pulumi.Input[str]], port: int) -> pulumi.Output[str]:
+    return pulumi.Output.all(*addresses).apply(lambda xs: ",".join(f"https://{a}:{port}" for a in xs))
+
+
+class ControlPlane(pulumi.ComponentResource):
+    """etcd members, API servers, controller-managers and schedulers on every master.
+
+    ``ready`` lists the resources that together mean "the control plane answers and is
+    configured": every worker step depends on it.
+    """
+
+    def __init__(self, name: str, cfg: ClusterConfig, hosts: dict[str, HostAccess], pki: ClusterPki,
+                 opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kubelab:control:ControlPlane", name, None, opts)
+        masters = [hosts[n.name] for n in cfg.master_nodes]
+        first = masters[0]
+        addresses = [m.machine.private_address for m in masters]
+        self.etcd_servers = https_urls(addresses, 2379)
+        initial_cluster = pulumi.Output.all(*addresses).apply(
+            lambda xs: ",".join(f"{m.machine.name}=https://{a}:2380" for m, a in zip(masters, xs, strict=True)))
+        net = cfg.network
+
+        # 1. etcd on every master (members start in parallel and wait for quorum).
+        self.etcd = {}
+        for m in masters:
+            n = m.machine.name
+            unit = pulumi.Output.all(m.machine.private_address, initial_cluster).apply(lambda v, n=n: render(
+                "systemd/etcd.service.j2", name=n, address=v[0], initial_cluster=v[1],
+                cluster_token=f"{cfg.name}-etcd"))
+            self.etcd[n] = m.step("etcd", "scripts/install-etcd.sh.j2", StepSpec(
+                units=["etcd"],
+                binaries=[Binary("bin/etcd", "/usr/local/bin/etcd"), Binary("bin/etcdctl", "/usr/local/bin/etcdctl")],
+                dirs=[("/var/lib/etcd", "0700"), ("/etc/etcd/pki", "0755")],
+                files=[File("/etc/systemd/system/etcd.service", unit),
+                       File("/etc/etcd/pki/ca.crt", pki.etcd_ca.cert),
+                       File("/etc/etcd/pki/server.crt", pki.etcd_server[n].cert),
+                       File("/etc/etcd/pki/peer.crt", pki.etcd_peer[n].cert),
+                       File("/etc/etcd/pki/healthcheck-client.crt", pki.etcd_healthcheck.cert)],
+                secret_files=[SecretFile("/etc/etcd/pki/server.key", pki.etcd_server[n].key),
+                              SecretFile("/etc/etcd/pki/peer.key", pki.etcd_peer[n].key),
+                              SecretFile("/etc/etcd/pki/healthcheck-client.key", pki.etcd_healthcheck.key)],
+            ), parent=self, timeout="30m")
+        etcd_all = list(self.etcd.values())
+
+        # 2. The flannel network config, written into etcd once (seed 000/001's etcd prefix).
+        self.flannel_config = first.step("flannel-network-config", "scripts/write-flannel-config.sh.j2", StepSpec(
+            context={"network_config": render("config/flannel-network.json.j2", pod_cidr=net.pod_cidr,
+                                              backend=net.flannel_backend).strip(),
+                     "etcd_prefix": net.etcd_prefix},
+        ), parent=self, depends_on=etcd_all)
+
+        # 3. kube-apiserver on every master, once all etcd members are healthy.
+        admin_local = kubeconfig(cfg.name, LOCAL_API, pki.ca.cert, pki.admin, "admin")
+        encryption = pulumi.Output.secret(pki.encryption_key.apply(
+            lambda k: render("config/encryption-config.yaml.j2", key=k)))
+        self.apiserver = {}
+        for m in masters:
+            n = m.machine.name
+            unit = pulumi.Output.all(m.machine.private_address, self.etcd_servers).apply(lambda v: render(
+                "systemd/kube-apiserver.service.j2", address=v[0], etcd_servers=v[1], local_etcd=True,
+                cluster_domain=net.cluster_domain, service_cidr=net.service_cidr))
+            self.apiserver[n] = m.step("kube-apiserver", "scripts/install-service.sh.j2", StepSpec(
+                units=["kube-apiserver"],
+                binaries=[Binary("bin/kube-apiserver", "/usr/local/bin/kube-apiserver"),
+                          Binary("bin/kubectl", "/usr/local/bin/kubectl")],
+                dirs=[("/var/lib/kubernetes", "0700"), ("/etc/kubernetes/pki", "0755")],
+                files=[File("/etc/systemd/system/kube-apiserver.service", unit),
+                       File("/etc/kubernetes/pki/ca.crt", pki.ca.cert),
+                       File("/etc/kubernetes/pki/etcd-ca.crt", pki.etcd_ca.cert),
+                       File("/etc/kubernetes/pki/front-proxy-ca.crt", pki.front_proxy_ca.cert),
+                       File("/etc/kubernetes/pki/apiserver.crt", pki.apiserver.cert),
+                       File("/etc/kubernetes/pki/apiserver-etcd-client.crt", pki.apiserver_etcd_client.cert),
+                       File("/etc/kubernetes/pki/apiserver-kubelet-client.crt", pki.apiserver_kubelet_client.cert),
+                       File("/etc/kubernetes/pki/front-proxy-client.crt", pki.front_proxy_client.cert),
+                       File("/etc/kubernetes/pki/service-account.pub", pki.service_account_pub)],
+                secret_files=[SecretFile("/etc/kubernetes/pki/apiserver.key", pki.apiserver.key),
+                              SecretFile("/etc/kubernetes/pki/apiserver-etcd-client.key", pki.apiserver_etcd_client.key),
+                              SecretFile("/etc/kubernetes/pki/apiserver-kubelet-client.key", pki.apiserver_kubelet_client.key),
+                              SecretFile("/etc/kubernetes/pki/front-proxy-client.key", pki.front_proxy_client.key),
+                              SecretFile("/etc/kubernetes/pki/service-account.key", pki.service_account_key),
+                              SecretFile("/etc/kubernetes/encryption-config.yaml", encryption),
+                              SecretFile("/etc/kubernetes/admin.kubeconfig", admin_local)],
+                checks=[Check("/usr/local/bin/kubectl --kubeconfig /etc/kubernetes/admin.kubeconfig get --raw /readyz", tries=90)],
+            ), parent=self, depends_on=etcd_all)
+        api_all = list(self.apiserver.values())
+
+        # 4. Let the API server reach kubelets (logs, exec, port-forward) under RBAC.
+        self.apiserver_to_kubelet = first.step("rbac-apiserver-to-kubelet", "scripts/kubectl-apply.sh.j2", StepSpec(
+            context={"manifest": render("addons/apiserver-to-kubelet-rbac.yaml.j2", user="kube-apiserver")},
+        ), parent=self, depends_on=api_all)
+
+        # 5. controller-manager and scheduler on every master, after its API server.
+        self.controller_manager, self.scheduler = {}, {}
+        for m in masters:
+            n = m.machine.name
+            cm_kc = kubeconfig(cfg.name, LOCAL_API, pki.ca.cert, pki.controller_manager, "system:kube-controller-manager")
+            self.controller_manager[n] = m.step("kube-controller-manager", "scripts/install-service.sh.j2", StepSpec(
+                units=["kube-controller-manager"],
+                binaries=[Binary("bin/kube-controller-manager", "/usr/local/bin/kube-controller-manager")],
+                files=[File("/etc/systemd/system/kube-controller-manager.service", render(
+                    "systemd/kube-controller-manager.service.j2", cluster_name=cfg.name, service_cidr=net.service_cidr))],
+                secret_files=[SecretFile("/etc/kubernetes/pki/ca.key", pki.ca.key),
+                              SecretFile("/etc/kubernetes/kube-controller-manager.kubeconfig", cm_kc)],
+                checks=[Check("curl -sfk https://127.0.0.1:10257/healthz -o /dev/null")],
+            ), parent=self, depends_on=[self.apiserver[n]])
+            sched_kc = kubeconfig(cfg.name, LOCAL_API, pki.ca.cert, pki.scheduler, "system:kube-scheduler")
+            self.scheduler[n] = m.step("kube-scheduler", "scripts/install-service.sh.j2", StepSpec(
+                units=["kube-scheduler"],
+                binaries=[Binary("bin/kube-scheduler", "/usr/local/bin/kube-scheduler")],
+                files=[File("/etc/systemd/system/kube-scheduler.service", render("systemd/kube-scheduler.service.j2"))],
+                secret_files=[SecretFile("/etc/kubernetes/kube-scheduler.kubeconfig", sched_kc)],
+                checks=[Check("curl -sfk https://127.0.0.1:10259/healthz -o /dev/null")],
+            ), parent=self, depends_on=[self.apiserver[n]])
+
+        self.ready: list[pulumi.Resource] = [
+            self.flannel_config, self.apiserver_to_kubelet,
+            *self.controller_manager.values(), *self.scheduler.values(),
+        ]
+        self.register_outputs({"etcd_servers": self.etcd_servers})

@@ -1,0 +1,189 @@
+"""Per-host plumbing: wait for SSH, upload bundle files, run install steps.
+
+Every install step is one ``remote.Command`` whose ``create`` is a rendered, readable script
+(so ``pulumi preview --diff`` shows a changed kubelet flag as a changed line) and whose
+``stdin`` carries the step's secret files as a base64 tar (so no secret is ever on a command
+line or in a plain-text output). Pulumi re-runs a step exactly when its script or secrets
+change; the script embeds the sha256 of every binary it installs, so a new binary re-runs
+only the steps that install it. No step uses ``triggers`` (they replace the resource).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pulumi
+from pulumi_command import remote
+
+from components.binaries import Bundle
+from components.machine import Machine
+from components.render import render
+
+STAGE = "/var/lib/kubelab/stage"
+SSH_WAIT_TIMEOUT = "20m"
+STEP_TIMEOUT = "20m"
+
+
+@dataclass(frozen=True)
+class File:
+    """A non-secret file written by a step (its content is visible in preview diffs)."""
+
+    path: str
+    content: pulumi.Input[str]
+    mode: str = "0644"
+
+
+@dataclass(frozen=True)
+class SecretFile:
+    """A secret file, shipped on the step's stdin and installed root-only."""
+
+    path: str
+    content: pulumi.Input[str]
+    mode: str = "0600"
+
+
+@dataclass(frozen=True)
+class Binary:
+    """A bundle file (``bin/kubelet``) installed at ``dest`` after checking its sha256."""
+
+    rel: str
+    dest: str
+
+
+@dataclass(frozen=True)
+class Check:
+    """A readiness command retried after the units start."""
+
+    command: str
+    tries: int = 60
+    pause: int = 2
+
+
+@dataclass
+class StepSpec:
+    """What one install step puts on a node and how it knows it worked."""
+
+    units: Sequence[str] = ()
+    files: Sequence[File] = ()
+    secret_files: Sequence[SecretFile] = ()
+    binaries: Sequence[Binary] = ()
+    images: Sequence[str] = ()  # bundle paths of image archives to upload (imported by the script)
+    dirs: Sequence[tuple[str, str]] = ()  # (path, mode) created before anything else
+    checks: Sequence[Check] = ()
+    context: dict[str, object] = field(default_factory=dict)  # extra template variables
+    remove: Sequence[str] = ()  # extra paths the teardown removes
+
+
+def as_root(script: str, user: str) -> str:
+    """Wrap a script so it runs under bash as root, keeping its text readable in diffs."""
+    wrapped = f"/bin/bash -c \"$(cat <<'KUBELAB_SCRIPT'\n{script.rstrip()}\nKUBELAB_SCRIPT\n)\""
+    return wrapped if user == "root" else "sudo -n " + wrapped
+
+
+def secrets_payload(contents: Sequence[str]) -> str:
+    """A deterministic base64 tar of the secret files (stable bytes: no diff on a no-op run)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i, text in enumerate(contents):
+            data = text.encode()
+            info = tarfile.TarInfo(str(i))
+            info.size, info.mode, info.mtime = len(data), 0o600, 0
+            tar.addfile(info, io.BytesIO(data))
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _nl(text: str) -> str:
+    return text if text.endswith("\n") else text + "\n"
+
+
+class HostAccess(pulumi.ComponentResource):
+    """Waits until a machine answers on SSH and has finished booting.
+
+    pulumi-command gives up after ten refused dials (seconds), far less than a VM needs to
+    boot, so this one command dials without limit, bounded by its create timeout; every
+    later command on the host depends on it.
+    """
+
+    def __init__(self, machine: Machine, bundle: Bundle, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kubelab:node:HostAccess", machine.name, None, opts)
+        self.machine = machine
+        self.bundle = bundle
+        self._uploads: dict[str, remote.CopyToRemote] = {}
+        self.ready = remote.Command(
+            f"{machine.name}-wait-for-ssh",
+            connection=machine.connection(wait=True),
+            create=render("scripts/wait-for-ssh.sh.j2", node=machine.name),
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=machine.depends_on,
+                custom_timeouts=pulumi.CustomTimeouts(create=SSH_WAIT_TIMEOUT, update=SSH_WAIT_TIMEOUT),
+            ),
+        )
+        self.register_outputs({"host": machine.host, "private_address": machine.private_address})
+
+    def upload(self, rel: str, parent: pulumi.Resource) -> remote.CopyToRemote:
+        """Copy one bundle file to the host's staging dir (re-copied only when it changes)."""
+        if rel not in self._uploads:
+            local = self.bundle.get(rel)
+            self._uploads[rel] = remote.CopyToRemote(
+                f"{self.machine.name}-upload-{rel.replace('/', '-')}",
+                connection=self.machine.connection(),
+                source=pulumi.FileAsset(str(local.path)),
+                remote_path=f"{STAGE}/{rel}",
+                opts=pulumi.ResourceOptions(parent=parent, depends_on=[self.ready]),
+            )
+        return self._uploads[rel]
+
+    def step(
+        self,
+        name: str,
+        template: str,
+        spec: StepSpec,
+        parent: pulumi.Resource,
+        depends_on: Sequence[pulumi.Resource] = (),
+        timeout: str = STEP_TIMEOUT,
+    ) -> remote.Command:
+        """One idempotent install/start command on this host (see module docstring)."""
+        machine = self.machine
+        uploads = [self.upload(b.rel, parent) for b in spec.binaries]
+        uploads += [self.upload(rel, parent) for rel in spec.images]
+        binaries = [{"name": b.rel, "sha256": self.bundle.get(b.rel).sha256, "dest": b.dest} for b in spec.binaries]
+        images = [{"name": rel, "sha256": self.bundle.get(rel).sha256} for rel in spec.images]
+        secret_ctx = [{"name": str(i), "path": f.path, "mode": f.mode} for i, f in enumerate(spec.secret_files)]
+
+        def script(contents: list[str]) -> str:
+            files = [{"path": f.path, "mode": f.mode, "content": _nl(c)} for f, c in zip(spec.files, contents, strict=True)]
+            return as_root(render(
+                template, node=machine.name, step=name, units=list(spec.units), files=files,
+                secret_files=secret_ctx, binaries=binaries, images=images,
+                dirs=[{"path": p, "mode": m} for p, m in spec.dirs],
+                checks=list(spec.checks), **spec.context,
+            ), machine.user)
+
+        create = pulumi.Output.all(*[f.content for f in spec.files]).apply(script)
+        stdin = None
+        if spec.secret_files:
+            stdin = pulumi.Output.secret(
+                pulumi.Output.all(*[f.content for f in spec.secret_files]).apply(secrets_payload))
+        delete = None
+        if machine.teardown:
+            paths = [f.path for f in spec.files] + [f.path for f in spec.secret_files]
+            paths += [b.dest for b in spec.binaries] + [p for p, _ in spec.dirs] + list(spec.remove)
+            delete = as_root(render("scripts/teardown.sh.j2", node=machine.name, step=name,
+                                    units=list(spec.units), paths=paths), machine.user)
+        return remote.Command(
+            f"{machine.name}-{name}",
+            connection=machine.connection(),
+            create=create,
+            stdin=stdin,
+            delete=delete,
+            opts=pulumi.ResourceOptions(
+                parent=parent,
+                depends_on=[self.ready, *uploads, *depends_on],
+                custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout, delete="10m"),
+            ),
+        )

@@ -1,0 +1,64 @@
+"""The machine contract: what every platform hands to the bootstrap.
+
+A platform (libvirt, DigitalOcean, existing hosts) turns the configured :class:`NodeSpec`
+list into :class:`Machine` objects; everything after that is platform-neutral. A new platform
+is one new module under ``components/platforms/`` with a ``create_machines`` function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pulumi
+from pulumi_command import remote
+
+from components.config import ClusterConfig, NodeSpec
+
+
+@dataclass
+class Machine:
+    """One host ready to be bootstrapped (or about to be, once it boots)."""
+
+    spec: NodeSpec
+    host: pulumi.Input[str]  # the address the bootstrap connects to over SSH
+    private_address: pulumi.Input[str]  # the address the cluster uses (etcd, kubelet, flannel)
+    user: str
+    private_key: pulumi.Input[str]  # secret
+    host_key: pulumi.Input[str] | None = None  # pinned SSH host key (authorized_keys format)
+    depends_on: list[pulumi.Resource] = field(default_factory=list)  # e.g. the VM
+    # False when kubelab created the machine and destroys it whole: no remote clean-up needed.
+    teardown: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def role(self) -> str:
+        return self.spec.role
+
+    def connection(self, *, wait: bool = False) -> remote.ConnectionArgs:
+        """SSH connection; ``wait`` dials without limit (bounded by the step's create timeout)."""
+        return remote.ConnectionArgs(
+            host=self.host,
+            user=self.user,
+            private_key=pulumi.Output.secret(self.private_key),
+            host_key=self.host_key,
+            dial_error_limit=-1 if wait else 10,
+            per_dial_timeout=15,
+        )
+
+
+@dataclass
+class Fleet:
+    """What a platform returns: the machines, and the address clients use for the API."""
+
+    machines: list[Machine]
+    api_endpoint: pulumi.Input[str]  # host (IP) of https://HOST:6443 in the exported kubeconfig
+
+
+class Platform(Protocol):
+    """A platform module's ``create_machines``: one machine per configured node."""
+
+    def __call__(self, cfg: ClusterConfig, parent: pulumi.Resource) -> Fleet: ...

@@ -1,0 +1,32 @@
+"""Existing hosts ("static"): the seeds' own situation, three machines you already have.
+
+kubelab creates nothing here; ``pulumi destroy`` runs each step's teardown on the hosts
+(services stopped, files removed) and leaves the machines themselves alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pulumi
+
+from components.config import ClusterConfig
+from components.machine import Fleet, Machine
+
+
+def create_machines(cfg: ClusterConfig, parent: pulumi.Resource) -> Fleet:
+    default_key = cfg.ssh.private_key()
+    machines = [
+        Machine(
+            spec=n,
+            host=n.public_address or n.address,
+            private_address=n.address,
+            user=n.ssh_user or cfg.ssh.user,
+            private_key=Path(n.ssh_private_key_file).read_text() if n.ssh_private_key_file else default_key,
+            host_key=n.host_key,
+            teardown=True,
+        )
+        for n in cfg.nodes
+    ]
+    first_master = next(m for m in machines if m.role == "master")
+    return Fleet(machines=machines, api_endpoint=first_master.host)

@@ -1,0 +1,89 @@
+"""A node that runs workloads: containerd (with CNI), kubelet and kube-proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pulumi
+
+from components.config import ClusterConfig, NodeSpec
+from components.host import Binary, Check, File, HostAccess, SecretFile, StepSpec
+from components.pki import ClusterPki, kubeconfig
+from components.render import render
+
+CNI_PLUGINS = ("bridge", "host-local", "loopback", "portmap", "flannel")
+UPSTREAMS = {"docker.io": "https://registry-1.docker.io"}
+
+
+def registry_files(cfg: ClusterConfig) -> list[File]:
+    """containerd ``hosts.toml`` per mirrored registry."""
+    return [
+        File(f"/etc/containerd/certs.d/{registry}/hosts.toml", render(
+            "config/hosts.toml.j2", registry=registry, mirrors=list(urls),
+            upstream=UPSTREAMS.get(registry, f"https://{registry}")))
+        for registry, urls in sorted(cfg.registry_mirrors.items())
+    ]
+
+
+class WorkerNode(pulumi.ComponentResource):
+    """containerd → kubelet → kube-proxy on one node; every step waits for the control plane."""
+
+    def __init__(self, node: NodeSpec, cfg: ClusterConfig, host: HostAccess, pki: ClusterPki,
+                 api_server: pulumi.Input[str], control_plane_ready: Sequence[pulumi.Resource],
+                 flanneld: pulumi.Resource, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kubelab:worker:WorkerNode", node.name, None, opts)
+        v, net = cfg.versions, cfg.network
+        ready = list(control_plane_ready)
+
+        # 1. containerd, runc and the CNI plugins; preloaded images (pause, CoreDNS).
+        self.containerd = host.step("containerd", "scripts/install-containerd.sh.j2", StepSpec(
+            units=["containerd"],
+            binaries=[Binary("bin/containerd", "/usr/local/bin/containerd"),
+                      Binary("bin/containerd-shim-runc-v2", "/usr/local/bin/containerd-shim-runc-v2"),
+                      Binary("bin/ctr", "/usr/local/bin/ctr"),
+                      Binary("bin/runc", "/usr/local/bin/runc"),
+                      *[Binary(f"cni/{p}", f"/opt/cni/bin/{p}") for p in CNI_PLUGINS]],
+            images=list(host.bundle.images),
+            dirs=[("/etc/cni/net.d", "0755"), ("/var/lib/containerd", "0711")],
+            files=[File("/etc/systemd/system/containerd.service", render("systemd/containerd.service.j2")),
+                   File("/etc/containerd/config.toml", render(
+                       "config/containerd-config.toml.j2", containerd_version=v["containerd"],
+                       sandbox_image=f"registry.k8s.io/pause:{v['pause']}")),
+                   File("/etc/cni/net.d/10-flannel.conflist", render("config/10-flannel.conflist.j2")),
+                   *registry_files(cfg)],
+            remove=["/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/cni"],
+        ), parent=self, depends_on=ready)
+
+        # 2. kubelet: node client certificate (Node authorizer) and serving certificate.
+        kubelet_kc = kubeconfig(cfg.name, api_server, pki.ca.cert, pki.kubelet_client[node.name], f"system:node:{node.name}")
+        unit = pulumi.Output.from_input(host.machine.private_address).apply(lambda addr: render(
+            "systemd/kubelet.service.j2", name=node.name, address=addr,
+            node_labels=f"kubelab.io/role={node.role}", register_with_taints=""))
+        self.kubelet = host.step("kubelet", "scripts/install-kubelet.sh.j2", StepSpec(
+            units=["kubelet"],
+            binaries=[Binary("bin/kubelet", "/usr/local/bin/kubelet")],
+            dirs=[("/var/lib/kubelet", "0700"), ("/var/lib/kubelet/pki", "0700"), ("/etc/kubernetes/pki", "0755")],
+            files=[File("/etc/systemd/system/kubelet.service", unit),
+                   File("/var/lib/kubelet/config.yaml", render(
+                       "config/kubelet-config.yaml.j2", cluster_domain=net.cluster_domain, cluster_dns=net.cluster_dns)),
+                   File("/etc/kubernetes/pki/ca.crt", pki.ca.cert),
+                   File("/var/lib/kubelet/pki/kubelet.crt", pki.kubelet_serving[node.name].cert)],
+            secret_files=[SecretFile("/var/lib/kubelet/pki/kubelet.key", pki.kubelet_serving[node.name].key),
+                          SecretFile("/var/lib/kubelet/kubeconfig", kubelet_kc)],
+            remove=["/etc/kubernetes/resolv.conf"],
+        ), parent=self, depends_on=[*ready, self.containerd, flanneld])
+
+        # 3. kube-proxy (iptables mode).
+        proxy_kc = kubeconfig(cfg.name, api_server, pki.ca.cert, pki.kube_proxy, "system:kube-proxy")
+        self.kube_proxy = host.step("kube-proxy", "scripts/install-service.sh.j2", StepSpec(
+            units=["kube-proxy"],
+            binaries=[Binary("bin/kube-proxy", "/usr/local/bin/kube-proxy")],
+            dirs=[("/var/lib/kube-proxy", "0700")],
+            files=[File("/etc/systemd/system/kube-proxy.service", render("systemd/kube-proxy.service.j2", name=node.name)),
+                   File("/var/lib/kube-proxy/config.yaml", render("config/kube-proxy-config.yaml.j2", pod_cidr=net.pod_cidr))],
+            secret_files=[SecretFile("/var/lib/kube-proxy/kubeconfig", proxy_kc)],
+            checks=[Check("curl -s http://127.0.0.1:10256/healthz -o /dev/null")],
+        ), parent=self, depends_on=[*ready, self.containerd])
+
+        self.steps = [self.containerd, self.kubelet, self.kube_proxy]
+        self.register_outputs({"node": node.name, "role": node.role})
