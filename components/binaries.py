@@ -150,8 +150,10 @@ def artifacts(versions: dict[str, str]) -> list[Artifact]:
                         {f"cni/{p}": f"./{p}" for p in ("bridge", "host-local", "loopback", "portmap")}))
     fl_url = f"{GITHUB}/flannel-io/flannel/releases/download/v{fl}/flannel-v{fl}-linux-amd64.tar.gz"
     out.append(Artifact(fl_url, fl_url + ".sha256", {"bin/flanneld": "flanneld"}))
-    flcni_url = f"{GITHUB}/flannel-io/cni-plugin/releases/download/v{flcni}/cni-plugin-flannel-linux-amd64-v{flcni}.tgz"
-    out.append(Artifact(flcni_url, flcni_url + ".sha256", {"cni/flannel": "flannel-amd64"}))
+    # The flannel CNI plugin as released with containernetworking/plugins (its last home
+    # before moving to flannel-io/cni-plugin; versions.toml pins that release).
+    flcni_url = f"{GITHUB}/containernetworking/plugins/releases/download/v{flcni}/cni-plugins-linux-amd64-v{flcni}.tgz"
+    out.append(Artifact(flcni_url, flcni_url + ".sha256", {"cni/flannel": "./flannel"}))
     dns_url = f"{GITHUB}/coredns/coredns/releases/download/v{dns}/coredns_{dns}_linux_amd64.tgz"
     out.append(Artifact(dns_url, dns_url + ".sha256", {"bin/coredns": "coredns"}))
     return out

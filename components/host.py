@@ -11,6 +11,7 @@ only the steps that install it. No step uses ``triggers`` (they replace the reso
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import tarfile
 from collections.abc import Sequence
@@ -87,7 +88,7 @@ def as_root(script: str, user: str) -> str:
 def secrets_payload(contents: Sequence[str]) -> str:
     """A deterministic base64 tar of the secret files (stable bytes: no diff on a no-op run)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for i, text in enumerate(contents):
             data = text.encode()
             info = tarfile.TarInfo(str(i))

@@ -1,0 +1,201 @@
+"""The resource graph under Pulumi mocks: ordering, per-role resource sets, exports, secrets.
+
+Ordering is read from the dependency graph the program really registers (a recording
+monitor), not from the code: a missing ``depends_on`` fails here.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+
+from tests.mockrun import Graph, Registration, run_program
+
+CMD = "command:remote:Command"
+COPY = "command:remote:CopyToRemote"
+SECRET_SIG = "4dabf18193072939515e22adb298388d"
+
+MASTER_STEPS_1_2 = {"wait-for-ssh", "etcd", "flannel-network-config", "kube-apiserver", "rbac-apiserver-to-kubelet",
+                    "kube-controller-manager", "kube-scheduler", "flanneld", "addon-coredns", "cluster-ready"}
+WORKER_STEPS = {"wait-for-ssh", "flanneld", "containerd", "kubelet", "kube-proxy"}
+MASTER_UPLOADS = {"bin-etcd", "bin-etcdctl", "bin-kube-apiserver", "bin-kubectl", "bin-kube-controller-manager",
+                  "bin-kube-scheduler", "bin-flanneld"}
+WORKER_UPLOADS = {"bin-flanneld", "bin-containerd", "bin-ctr", "bin-containerd-shim-runc-v2", "bin-runc", "cni-bridge",
+                  "cni-host-local", "cni-loopback", "cni-portmap", "cni-flannel", "bin-kubelet", "bin-kube-proxy",
+                  "images-pause.tar", "images-coredns.tar"}
+
+
+@pytest.fixture
+def lab(config_for) -> Graph:
+    return run_program(config_for("libvirt"))
+
+
+@pytest.fixture
+def seed000(config_for) -> Graph:
+    raw = config_for("libvirt")
+    raw.update(masters={"count": 3}, workers={"count": 0}, masters_run_workloads=True)
+    return run_program(raw)
+
+
+def steps_of(g: Graph, node: str) -> set[str]:
+    return {r.name.removeprefix(f"{node}-") for r in g.find(CMD) if r.name.startswith(f"{node}-")}
+
+
+def uploads_of(g: Graph, node: str) -> set[str]:
+    return {r.name.removeprefix(f"{node}-upload-") for r in g.find(COPY) if r.name.startswith(f"{node}-upload-")}
+
+
+def control_plane_ready(g: Graph) -> list[Registration]:
+    return [r for r in g.find(CMD) if r.name.split("-", 2)[-1] in {
+        "flannel-network-config", "rbac-apiserver-to-kubelet", "kube-controller-manager", "kube-scheduler"}
+        or r.name.endswith(("-kube-controller-manager", "-kube-scheduler", "-rbac-apiserver-to-kubelet", "-flannel-network-config"))]
+
+
+def test_per_role_resource_sets_1_master_2_workers(lab):
+    assert steps_of(lab, "master-1") == MASTER_STEPS_1_2
+    assert steps_of(lab, "worker-1") == WORKER_STEPS
+    assert steps_of(lab, "worker-2") == WORKER_STEPS
+    assert uploads_of(lab, "master-1") == MASTER_UPLOADS
+    assert uploads_of(lab, "worker-1") == WORKER_UPLOADS
+    counts = collections.Counter(r.type for r in lab.registrations)
+    assert counts["libvirt:index/domain:Domain"] == 3
+    assert counts["libvirt:index/cloudInitDisk:CloudInitDisk"] == 3
+    assert counts["libvirt:index/volume:Volume"] == 4  # base + one copy-on-write disk per node
+    assert counts["libvirt:index/network:Network"] == 1
+    assert counts["kubelab:worker:WorkerNode"] == 2
+    assert counts["tls:index/selfSignedCert:SelfSignedCert"] == 3  # cluster, etcd, front-proxy CAs
+
+
+def test_per_role_resource_sets_seed_000_master_is_also_a_node(seed000):
+    for node in ("master-1", "master-2", "master-3"):
+        steps = steps_of(seed000, node)
+        assert {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                "flanneld", "containerd", "kubelet", "kube-proxy"} <= steps
+        assert uploads_of(seed000, node) == MASTER_UPLOADS | WORKER_UPLOADS
+    assert len(seed000.find("kubelab:worker:WorkerNode")) == 3
+    # cluster-wide steps run once, on the first master
+    assert {"cluster-ready", "addon-coredns", "flannel-network-config"} <= steps_of(seed000, "master-1")
+    assert "cluster-ready" not in steps_of(seed000, "master-2")
+
+
+@pytest.mark.parametrize("graph", ["lab", "seed000"])
+def test_bootstrap_order_etcd_apiserver_controllers(request, graph):
+    g: Graph = request.getfixturevalue(graph)
+    etcd = [r for r in g.find(CMD) if r.name.endswith("-etcd")]
+    apis = [r for r in g.find(CMD) if r.name.endswith("-kube-apiserver")]
+    assert etcd and apis
+    for api in apis:
+        for member in etcd:  # every API server waits for every etcd member
+            assert g.depends_on(api, member), f"{api.name} does not wait for {member.name}"
+    for r in g.find(CMD):
+        if r.name.endswith(("-kube-controller-manager", "-kube-scheduler")):
+            node = r.name.rsplit("-kube-", 1)[0]
+            assert g.depends_on(r, g.one(f"{node}-kube-apiserver"))
+    flannel_cfg = g.one("master-1-flannel-network-config")
+    assert all(g.depends_on(flannel_cfg, m) for m in etcd)
+
+
+@pytest.mark.parametrize("graph", ["lab", "seed000"])
+def test_every_worker_step_waits_for_control_plane_ready(request, graph):
+    g: Graph = request.getfixturevalue(graph)
+    ready = control_plane_ready(g)
+    assert len(ready) >= 4
+    worker_steps = g.find(CMD, parent_type="kubelab:worker:WorkerNode")
+    worker_steps += [r for r in g.find(CMD) if r.name.endswith("-flanneld")]
+    assert worker_steps
+    for step in worker_steps:
+        for r in ready:
+            assert g.depends_on(step, r), f"{step.name} does not wait for {r.name}"
+        assert any(g.depends_on(step, e) for e in g.find(CMD) if e.name.endswith("-kube-apiserver"))
+
+
+def test_node_local_order_and_final_readiness(lab):
+    for node in ("worker-1", "worker-2"):
+        kubelet = lab.one(f"{node}-kubelet")
+        assert lab.depends_on(kubelet, lab.one(f"{node}-containerd"))
+        assert lab.depends_on(kubelet, lab.one(f"{node}-flanneld"))
+        assert lab.depends_on(kubelet, lab.one(f"{node}-wait-for-ssh"))
+        assert lab.depends_on(kubelet, lab.one(f"{node}-upload-bin-kubelet", COPY))
+    final = lab.one("master-1-cluster-ready")
+    for r in lab.find(CMD):
+        if r is not final and not r.name.endswith("wait-for-ssh"):
+            assert lab.depends_on(final, r) or r.name.startswith("master-1-") , r.name
+    for r in lab.find(CMD, parent_type="kubelab:worker:WorkerNode"):
+        assert lab.depends_on(final, r)
+
+
+def test_every_command_waits_for_ssh_and_its_vm(lab):
+    domains = {r.name: r for r in lab.find("libvirt:index/domain:Domain")}
+    for r in lab.find(CMD) + lab.find(COPY):
+        node = next(n for n in ("master-1", "worker-1", "worker-2") if r.name.startswith(n + "-"))
+        assert lab.depends_on(r, domains[node])
+        if not r.name.endswith("wait-for-ssh"):
+            assert lab.depends_on(r, lab.one(f"{node}-wait-for-ssh"))
+
+
+def test_wait_for_ssh_dials_without_limit_and_has_a_timeout(lab):
+    for r in lab.find(CMD):
+        conn = r.inputs["connection"]["value"]
+        assert conn["hostKey"].startswith("ssh-ed25519 "), "host key must be pinned"
+        if r.name.endswith("wait-for-ssh"):
+            assert conn["dialErrorLimit"] == -1
+            assert r.custom_timeouts["create"] == "20m"
+        else:
+            assert r.custom_timeouts["create"], f"{r.name} has no create timeout"
+
+
+def test_no_command_uses_triggers(lab):
+    # triggers replace the resource; a kubelet flag change must only update that step.
+    for r in lab.find(CMD) + lab.find(COPY):
+        assert "triggers" not in r.inputs, r.name
+
+
+def test_exports_present(lab):
+    out = lab.stack_outputs
+    assert out["apiserverUrl"] == "https://10.240.0.11:6443"
+    assert "client-key-data" in out["kubeconfig"]
+    assert [n["name"] for n in out["nodes"]] == ["master-1", "worker-1", "worker-2"]
+    assert {n["role"] for n in out["nodes"]} == {"master", "worker"}
+
+
+def is_secret(value) -> bool:
+    return isinstance(value, dict) and SECRET_SIG in value
+
+
+def test_private_keys_and_kubeconfigs_flow_only_into_secret_inputs(lab):
+    steps_with_keys = [r for r in lab.find(CMD) if "stdin" in r.inputs]
+    assert len(steps_with_keys) >= 10
+    for r in steps_with_keys:
+        assert is_secret(r.inputs["stdin"]), f"{r.name} stdin is not secret"
+    for r in lab.find(CMD):
+        create = json.dumps(r.inputs["create"])
+        assert "PRIVATE KEY" not in create, f"{r.name} has a private key on its command line"
+        assert "client-key-data" not in create
+        assert is_secret(r.inputs["connection"]), "the SSH private key rides in the connection"
+    for r in lab.find("libvirt:index/cloudInitDisk:CloudInitDisk"):
+        assert is_secret(r.inputs["userData"]), "user data carries the SSH host private key"
+
+
+def test_a_kubelet_flag_lives_only_in_that_nodes_kubelet_step(lab):
+    holders = sorted(r.name for r in lab.registrations if "--config=/var/lib/kubelet/config.yaml" in json.dumps(r.inputs))
+    assert holders == ["worker-1-kubelet", "worker-2-kubelet"]
+
+
+def test_digitalocean_graph(config_for):
+    g = run_program(config_for("digitalocean"))
+    counts = collections.Counter(r.type for r in g.registrations)
+    assert counts["digitalocean:index/droplet:Droplet"] == 3
+    assert counts["digitalocean:index/vpc:Vpc"] == 1
+    assert counts["digitalocean:index/firewall:Firewall"] == 1
+    assert counts["digitalocean:index/project:Project"] == 1
+    assert steps_of(g, "worker-1") == WORKER_STEPS
+
+
+def test_static_graph_tears_down_on_destroy(config_for):
+    g = run_program(config_for("static"))
+    assert not g.find("libvirt:index/domain:Domain")
+    kubelet = g.one("svr002-kubelet")
+    assert "systemctl disable --now kubelet" in kubelet.inputs["delete"]
+    assert kubelet.inputs["connection"]["value"]["host"] == "192.168.50.12"
