@@ -204,6 +204,9 @@ def download_bundle(cfg: BinariesConfig, versions: dict[str, str], arts: list[Ar
                         raise BinaryError(f"binaries: {member} not found in {art.url}")
                     dest.write_bytes(fh.read())
             dest.chmod(0o755)
+    missing = [rel for rel in sorted(ALL_FILES) if not (tmp / rel).is_file()]
+    if missing:
+        raise BinaryError(f"binaries: the release downloads did not provide {', '.join(missing)}; pin the versions that publish them")
     (tmp / "versions.json").write_text(json.dumps(versions, indent=2, sort_keys=True) + "\n")
     lines = [f"{sha256_file(tmp / rel)}  {rel}" for rel in sorted(ALL_FILES)]
     (tmp / "SHA256SUMS").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,104 @@
+"""Binary sources: a bundle verified against its manifest; downloads chosen and checked."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from components.binaries import Artifact, BinaryError, artifacts, download_bundle, open_directory
+from components.config import BinariesConfig
+from components.versions import bundle_key, load_versions
+from tests.conftest import make_bundle
+
+VERSIONS = load_versions()["node"]
+
+
+def test_directory_bundle_verifies(tmp_path):
+    b = open_directory(make_bundle(tmp_path / "b", VERSIONS), VERSIONS)
+    assert b.get("bin/kubelet").path == tmp_path / "b/bin/kubelet"
+    assert b.images == ("images/pause.tar", "images/coredns.tar")
+
+
+def test_directory_bundle_missing_file_is_named(tmp_path):
+    root = make_bundle(tmp_path / "b", VERSIONS)
+    (root / "bin/kube-proxy").unlink()
+    with pytest.raises(BinaryError, match=r"bin/kube-proxy is missing.*make tools"):
+        open_directory(root, VERSIONS)
+
+
+def test_directory_bundle_corrupt_file_is_named(tmp_path):
+    root = make_bundle(tmp_path / "b", VERSIONS)
+    (root / "cni/flannel").write_bytes(b"tampered")
+    with pytest.raises(BinaryError, match=r"cni/flannel is corrupt \(sha256 "):
+        open_directory(root, VERSIONS)
+
+
+def test_directory_bundle_for_other_versions_is_refused(tmp_path):
+    root = make_bundle(tmp_path / "b", {**VERSIONS, "kubernetes": "1.35.0"})
+    with pytest.raises(BinaryError, match=r"kubernetes 1.35.0 \(want 1.36.4\)"):
+        open_directory(root, VERSIONS)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BinaryError, match=r"not a kubelab bundle \(no SHA256SUMS\); run `make tools`"):
+        open_directory(tmp_path, VERSIONS)
+
+
+def test_official_urls_for_pinned_versions():
+    urls = {a.url for a in artifacts(VERSIONS)}
+    assert "https://dl.k8s.io/release/v1.36.4/bin/linux/amd64/kubelet" in urls
+    assert "https://github.com/etcd-io/etcd/releases/download/v3.6.14/etcd-v3.6.14-linux-amd64.tar.gz" in urls
+    assert "https://github.com/containerd/containerd/releases/download/v2.3.4/containerd-2.3.4-linux-amd64.tar.gz" in urls
+    assert "https://github.com/opencontainers/runc/releases/download/v1.5.1/runc.amd64" in urls
+    provided = {rel for a in artifacts(VERSIONS) for rel in a.provides}
+    from components.binaries import ALL_FILES
+
+    assert set(ALL_FILES) <= provided  # plus etcdutl and coredns, which are not uploaded
+    kubelet = next(a for a in artifacts(VERSIONS) if a.url.endswith("/kubelet"))
+    assert kubelet.checksum_url == kubelet.url + ".sha256"
+
+
+def _release(tmp_path: Path) -> list[Artifact]:
+    """A fake release on file:// URLs: one plain file, one archive, with checksum files."""
+    rel = tmp_path / "release"
+    rel.mkdir()
+    (rel / "kubelet").write_bytes(b"kubelet binary")
+    (rel / "kubelet.sha256").write_text(hashlib.sha256(b"kubelet binary").hexdigest())
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        data = b"etcd binary"
+        info = tarfile.TarInfo("etcd-v9/etcd")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    (rel / "etcd.tar.gz").write_bytes(buf.getvalue())
+    (rel / "SHA256SUMS").write_text(f"{hashlib.sha256(buf.getvalue()).hexdigest()}  etcd.tar.gz\n")
+    return [
+        Artifact(f"file://{rel}/kubelet", f"file://{rel}/kubelet.sha256", {"bin/kubelet": ""}),
+        Artifact(f"file://{rel}/etcd.tar.gz", f"file://{rel}/SHA256SUMS", {"bin/etcd": "etcd-v9/etcd"}),
+    ]
+
+
+def test_download_checksum_mismatch_is_a_clear_error_and_nothing_lands(tmp_path, capsys):
+    arts = _release(tmp_path)
+    cfg = BinariesConfig(source="download", path=str(tmp_path / "cache"), sha256={"kubelet": "0" * 64})
+    with pytest.raises(BinaryError, match=r"checksum mismatch for file://.*/kubelet: got [0-9a-f]{64}, expected 0{64}; nothing was uploaded"):
+        download_bundle(cfg, VERSIONS, arts)
+    assert not (tmp_path / "cache" / bundle_key(VERSIONS)).exists()
+    assert "kubelab: downloading file://" in capsys.readouterr().err
+
+
+def test_download_verifies_against_published_checksums_and_unpacks(tmp_path):
+    arts = _release(tmp_path)
+    cfg = BinariesConfig(source="download", path=str(tmp_path / "cache"))
+    # The fake release provides two files only, so the bundle is refused as incomplete...
+    with pytest.raises(BinaryError, match=r"did not provide bin/containerd, bin/containerd-shim-runc-v2"):
+        download_bundle(cfg, VERSIONS, arts)
+    assert not (tmp_path / "cache" / bundle_key(VERSIONS)).exists()
+    # ...after both were verified (published checksums) and unpacked into the layout.
+    partial = tmp_path / "cache" / (bundle_key(VERSIONS) + ".partial")
+    assert (partial / "bin/kubelet").read_bytes() == b"kubelet binary"
+    assert (partial / "bin/etcd").read_bytes() == b"etcd binary"

@@ -1,0 +1,247 @@
+"""What ships to the nodes, taken from the registered commands themselves, checked by real tools.
+
+Units pass ``systemd-analyze verify``; kubeconfigs load in a real ``kubectl``; YAML, TOML and
+JSON parse; every remote script passes ``bash -n``.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.mockrun import Graph, run_program
+
+CMD = "command:remote:Command"
+PUT = re.compile(r"^put (\d{4}) (\S+) <<'KUBELAB_EOF'\n(.*?)^KUBELAB_EOF$", re.M | re.S)
+SECRET_INSTALL = re.compile(r'^install -D -m (\d{4}) -o root -g root "\$secrets/(\d+)" (\S+)$', re.M)
+MANIFEST = re.compile(r"<<'KUBELAB_MANIFEST'\n(.*?)^KUBELAB_MANIFEST$", re.M | re.S)
+
+
+def unwrap(create: str) -> str:
+    """The script inside the ``bash -c "$(cat <<'KUBELAB_SCRIPT' ...)"`` wrapper."""
+    m = re.search(r"<<'KUBELAB_SCRIPT'\n(.*)\nKUBELAB_SCRIPT\n\)\"$", create, re.S)
+    return m.group(1) if m else create
+
+
+def shipped_files(g: Graph) -> dict[str, dict[str, str]]:
+    """node -> {path: content} for every file any step writes (plain and secret)."""
+    out: dict[str, dict[str, str]] = {}
+    for r in g.find(CMD):
+        node = r.name.split("-")[0] + "-" + r.name.split("-")[1]
+        files = out.setdefault(node, {})
+        script = unwrap(r.inputs["create"])
+        for _mode, path, content in PUT.findall(script):
+            files[path] = content
+        if "stdin" in r.inputs:
+            payload = base64.b64decode(r.inputs["stdin"]["value"])
+            with tarfile.open(fileobj=io.BytesIO(gzip.decompress(payload))) as tar:
+                members = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers()}
+            for _mode, idx, path in SECRET_INSTALL.findall(script):
+                files[path] = members[idx]
+    return out
+
+
+@pytest.fixture(scope="module")
+def lab_files(tmp_path_factory) -> tuple[Graph, dict[str, dict[str, str]]]:
+    from components.versions import bundle_key, load_versions
+    from tests.conftest import base_config, make_bundle  # module-scoped copy of the cache fixture
+
+    root = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("KUBELAB_CACHE")
+    os.environ["KUBELAB_CACHE"] = str(root)
+    try:
+        (root / "ssh").mkdir()
+        (root / "ssh/id_ed25519").write_text("key")
+        from tests.conftest import PUBKEY
+
+        (root / "ssh/id_ed25519.pub").write_text(PUBKEY)
+        (root / "images").mkdir()
+        (root / "images/debian-trixie.qcow2").write_bytes(b"x")
+        v = load_versions()["node"]
+        make_bundle(root / "bundles" / bundle_key(v), v)
+        raw = base_config(root, "libvirt")
+        raw["registry_mirrors"] = {"docker.io": ["http://10.240.0.11:5000"]}
+        raw["addons"] = {"dashboard": True}
+        g = run_program(raw)
+    finally:
+        if old is None:
+            os.environ.pop("KUBELAB_CACHE", None)
+        else:
+            os.environ["KUBELAB_CACHE"] = old
+    return g, shipped_files(g)
+
+
+def test_each_node_gets_its_units(lab_files):
+    _, files = lab_files
+    units = {node: sorted(Path(p).name for p in f if p.endswith(".service")) for node, f in files.items()}
+    assert units["master-1"] == ["etcd.service", "flanneld.service", "kube-apiserver.service",
+                                 "kube-controller-manager.service", "kube-scheduler.service"]
+    for w in ("worker-1", "worker-2"):
+        assert units[w] == ["containerd.service", "flanneld.service", "kube-proxy.service", "kubelet.service"]
+
+
+@pytest.fixture(scope="module")
+def systemd_root(tmp_path_factory) -> Path:
+    if not shutil.which("systemd-analyze"):
+        pytest.fail("systemd-analyze is missing: `make test` installs Debian's systemd package")
+    root = tmp_path_factory.mktemp("sysroot")
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "lib").symlink_to("usr/lib")
+    return root
+
+
+def test_units_pass_systemd_analyze_verify(lab_files, systemd_root):
+    _, files = lab_files
+    for node, node_files in files.items():
+        root = systemd_root / node
+        shutil.copytree(systemd_root, root, symlinks=True, ignore=shutil.ignore_patterns(*files.keys()))
+        units = []
+        for path, content in node_files.items():
+            if path.endswith(".service"):
+                dest = root / path.lstrip("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_text(content)
+                units.append(path)
+                for exe in re.findall(r"^ExecStart(?:Pre)?=-?(/\S+)", content, re.M):
+                    stub = root / exe.lstrip("/")
+                    stub.parent.mkdir(parents=True, exist_ok=True)
+                    stub.write_text("#!/bin/sh\n")
+                    stub.chmod(0o755)
+        proc = subprocess.run(["systemd-analyze", "verify", f"--root={root}", *units],
+                              capture_output=True, text=True, check=False)
+        assert proc.returncode == 0 and not proc.stderr.strip(), f"{node}: {proc.stderr}"
+
+
+def test_units_restart_on_failure_and_order_explicitly(lab_files):
+    _, files = lab_files
+    for node_files in files.values():
+        for path, content in node_files.items():
+            if path.endswith(".service"):
+                assert "Restart=on-failure" in content, path
+                assert re.search(r"^After=", content, re.M), path
+                assert "WantedBy=multi-user.target" in content, path
+                wd = re.search(r"^WorkingDirectory=(\S+)", content, re.M)
+                if wd:  # seed 001: a WorkingDirectory that does not exist kills the unit
+                    assert any(wd.group(1) in s for s in _all_scripts(lab_files)), wd.group(1)
+
+
+def _all_scripts(lab_files) -> list[str]:
+    g, _ = lab_files
+    return [unwrap(r.inputs["create"]) for r in g.find(CMD)]
+
+
+def test_tls_everywhere_flags(lab_files):
+    _, files = lab_files
+    api = files["master-1"]["/etc/systemd/system/kube-apiserver.service"]
+    for flag in ("--anonymous-auth=false", "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+                 "--etcd-certfile=", "--kubelet-certificate-authority=", "--encryption-provider-config=", "--etcd-servers=https://"):
+        assert flag in api, flag
+    assert "--insecure-port" not in api
+    etcd = files["master-1"]["/etc/systemd/system/etcd.service"]
+    assert "--client-cert-auth=true" in etcd and "--peer-client-cert-auth=true" in etcd
+    assert "http://" not in etcd.replace("http://127.0.0.1:2381", "")
+    kubelet = yaml.safe_load(files["worker-1"]["/var/lib/kubelet/config.yaml"])
+    assert kubelet["authentication"]["anonymous"]["enabled"] is False
+    assert kubelet["authentication"]["webhook"]["enabled"] is True
+    assert kubelet["authorization"]["mode"] == "Webhook"
+    assert kubelet["readOnlyPort"] == 0
+
+
+def test_cgroup_driver_matches_between_kubelet_and_containerd(lab_files):
+    _, files = lab_files
+    kubelet = yaml.safe_load(files["worker-1"]["/var/lib/kubelet/config.yaml"])
+    containerd = tomllib.loads(files["worker-1"]["/etc/containerd/config.toml"])
+    runc = containerd["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["runc"]["options"]
+    assert kubelet["cgroupDriver"] == "systemd" and runc["SystemdCgroup"] is True
+    images = containerd["plugins"]["io.containerd.cri.v1.images"]
+    assert images["pinned_images"]["sandbox"] == "registry.k8s.io/pause:3.10.1"
+    assert images["registry"]["config_path"] == "/etc/containerd/certs.d"
+
+
+def test_registry_mirror_is_an_explicit_insecure_http_host(lab_files):
+    _, files = lab_files
+    hosts = tomllib.loads(files["worker-1"]["/etc/containerd/certs.d/docker.io/hosts.toml"])
+    assert hosts["server"] == "https://registry-1.docker.io"
+    assert "http://10.240.0.11:5000" in hosts["host"]
+
+
+def test_yaml_json_toml_parse(lab_files):
+    _, files = lab_files
+    count = 0
+    for node_files in files.values():
+        for path, content in node_files.items():
+            if path.endswith((".yaml", "kubeconfig")):
+                list(yaml.safe_load_all(content))
+            elif path.endswith((".json", ".conflist")):
+                json.loads(content)
+            elif path.endswith(".toml"):
+                tomllib.loads(content)
+            else:
+                continue
+            count += 1
+    assert count >= 15
+    flannel = json.loads(files["worker-1"]["/etc/cni/net.d/10-flannel.conflist"])
+    assert [p["type"] for p in flannel["plugins"]] == ["flannel", "portmap"]
+
+
+def test_addon_manifests_parse(lab_files):
+    g, _ = lab_files
+    kinds = []
+    for r in g.find(CMD):
+        for manifest in MANIFEST.findall(unwrap(r.inputs["create"])):
+            kinds += [d["kind"] for d in yaml.safe_load_all(manifest) if d]
+    assert {"ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ConfigMap", "Namespace"} <= set(kinds)
+    assert kinds.count("Deployment") == 3  # coredns, dashboard, metrics-scraper
+
+
+def real_kubectl() -> str | None:
+    cache = Path(os.environ.get("KUBELAB_REAL_CACHE", Path.home() / ".cache/kubelab"))
+    for candidate in sorted(cache.glob("bundles/*/bin/kubectl")):
+        return str(candidate)
+    return shutil.which("kubectl")
+
+
+def test_kubeconfigs_load_in_real_kubectl(lab_files, tmp_path):
+    kubectl = real_kubectl()
+    if not kubectl:
+        pytest.skip("no kubectl on this machine (make tools builds one into the bundle)")
+    _, files = lab_files
+    checked = 0
+    for node, node_files in files.items():
+        for path, content in node_files.items():
+            if path.endswith("kubeconfig"):
+                f = tmp_path / f"{node}-{Path(path).name}"
+                f.write_text(content)
+                proc = subprocess.run([kubectl, "config", "view", "--kubeconfig", str(f), "--raw", "-o", "json"],
+                                      capture_output=True, text=True, check=False)
+                assert proc.returncode == 0, f"{node}:{path}: {proc.stderr}"
+                cfg = json.loads(proc.stdout)
+                assert cfg["users"][0]["user"]["client-key-data"]
+                assert cfg["clusters"][0]["cluster"]["server"].startswith("https://")
+                checked += 1
+    assert checked >= 6
+
+
+def test_remote_scripts_are_valid_bash_and_fail_loudly(lab_files):
+    g, _ = lab_files
+    for r in g.find(CMD):
+        script = unwrap(r.inputs["create"])
+        assert "set -euo pipefail" in script, r.name
+        proc = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, f"{r.name}: {proc.stderr}"
+        if r.inputs.get("delete"):
+            proc = subprocess.run(["bash", "-n"], input=unwrap(r.inputs["delete"]), capture_output=True, text=True, check=False)
+            assert proc.returncode == 0, f"{r.name} delete: {proc.stderr}"
