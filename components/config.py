@@ -238,10 +238,16 @@ def _parse_version(name: str, value: Any, problems: list[str]) -> str | None:
     return text
 
 
+def _path(value: str) -> str:
+    """Expand ``~`` and ``${VARS}`` (``${KUBELAB_CACHE}`` defaults to the cache directory)."""
+    env = {**os.environ, "KUBELAB_CACHE": str(default_cache_dir())}
+    return os.path.expanduser(re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), m.group(0)), value))
+
+
 def _read_public_key(ssh: dict, problems: list[str]) -> tuple[str, str]:
     """Return (public key text, private key file); record problems for missing files."""
-    priv = os.path.expanduser(str(ssh.get("private_key_file", "~/.ssh/id_ed25519")))
-    pub_file = os.path.expanduser(str(ssh.get("public_key_file", priv + ".pub")))
+    priv = _path(str(ssh.get("private_key_file", "~/.ssh/id_ed25519")))
+    pub_file = _path(str(ssh.get("public_key_file", priv + ".pub")))
     pub = ""
     if not os.path.isfile(priv):
         problems.append(
@@ -486,7 +492,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
     if source not in BINARY_SOURCES:
         problems.append(f"binaries.source: unknown source {source!r}; choose download (official release URLs) or directory (a pre-staged bundle)")
     default_path = default_cache_dir() / ("bundles/" + bundle_key(versions) if source == "directory" else "downloads")
-    path = os.path.expanduser(os.path.expandvars(str(bin_raw.get("path") or default_path)))
+    path = _path(str(bin_raw.get("path") or default_path))
     sha = bin_raw.get("sha256") or {}
     if not isinstance(sha, dict) or not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sha.values()):
         problems.append("binaries.sha256: must map file names to 64-hex-digit sha256 sums")
@@ -580,12 +586,12 @@ def _static_nodes(static_raw: dict, raw: dict, masters_run_workloads: bool, prob
             problems.append(f"{where}.role: {role!r} must be master or worker")
             continue
         key_file = h.get("private_key_file")
-        if key_file and not os.path.isfile(os.path.expanduser(key_file)):
+        if key_file and not os.path.isfile(_path(key_file)):
             problems.append(f"{where}.private_key_file: {key_file} does not exist")
         nodes.append(NodeSpec(
             name=str(h["name"]), role=role, runs_workloads=role == "worker" or masters_run_workloads,
             address=str(h.get("private_address") or h["address"]), public_address=str(h["address"]),
-            ssh_user=h.get("user"), ssh_private_key_file=os.path.expanduser(key_file) if key_file else None,
+            ssh_user=h.get("user"), ssh_private_key_file=_path(key_file) if key_file else None,
             host_key=h.get("host_key"),
         ))
     return nodes
@@ -613,12 +619,12 @@ def _libvirt(r: _Reader, raw: dict, platform: str, problems: list[str]) -> Libvi
             "libvirt.image: set the base image (a qcow2 path or URL), e.g. the one `make image` prints, "
             "or an official Debian genericcloud image"
         )
-    elif "://" not in image and not os.path.isfile(os.path.expanduser(os.path.expandvars(image))):
+    elif "://" not in image and not os.path.isfile(_path(image)):
         problems.append(f"libvirt.image: {image} does not exist; run `make image` or point libvirt.image at a qcow2 file")
     return LibvirtConfig(
         uri=r.get(sec, "uri", "libvirt", str, "qemu:///system"), domain_type=domain_type, cpu_mode=cpu_mode,
         cpu_model=str(cpu_model) if cpu_model else None,
-        image=os.path.expanduser(os.path.expandvars(image)) if "://" not in image else image,
+        image=_path(image) if "://" not in image else image,
         pool=r.get(sec, "pool", "libvirt", str, "kubelab"), pool_path=sec.get("pool_path"),
         network_name=r.get(sec, "network_name", "libvirt", str, ""),
     )

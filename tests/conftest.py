@@ -33,11 +33,8 @@ def make_bundle(root: Path, versions: dict[str, str]) -> Path:
     return root
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """An empty KUBELAB_CACHE with an SSH key pair and a bundle for the pinned versions."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("KUBELAB_CACHE", str(root))
+def prepare_cache(root: Path) -> Path:
+    """Fill ``root`` like a KUBELAB_CACHE: an SSH key pair, a base image, a bundle."""
     (root / "ssh").mkdir(parents=True)
     (root / "ssh/id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\ntest\n-----END OPENSSH PRIVATE KEY-----\n")
     (root / "ssh/id_ed25519.pub").write_text(PUBKEY + "\n")
@@ -46,6 +43,23 @@ def cache(tmp_path, monkeypatch) -> Path:
     versions = load_versions()["node"]
     make_bundle(root / "bundles" / bundle_key(versions), versions)
     return root
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An isolated KUBELAB_CACHE for one test."""
+    root = prepare_cache(tmp_path / "cache")
+    monkeypatch.setenv("KUBELAB_CACHE", str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory) -> Path:
+    """An isolated KUBELAB_CACHE shared by one module's tests (program runs are slow-ish)."""
+    root = prepare_cache(tmp_path_factory.mktemp("cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUBELAB_CACHE", str(root))
+        yield root
 
 
 def base_config(cache: Path, platform: str = "libvirt") -> dict:

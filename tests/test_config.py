@@ -155,3 +155,17 @@ def test_static_hosts_need_roles_and_addresses(config_for):
     message = refused(raw)
     assert "static.hosts[1]: name and address are required" in message
     assert "static.hosts[2].role: 'minion' must be master or worker" in message
+
+
+def test_committed_dev_stack_is_valid(cache):
+    import yaml
+
+    from tests.conftest import REPO
+
+    raw = yaml.safe_load((REPO / "Pulumi.dev.yaml").read_text())["config"]["kubelab:cluster"]
+    cfg = parse_cluster_config(raw, "dev")
+    assert cfg.platform == "libvirt" and cfg.libvirt is not None
+    assert (len(cfg.master_nodes), len(cfg.workload_nodes)) == (1, 2)
+    assert cfg.ssh.private_key_file == str(cache / "ssh/id_ed25519")
+    assert cfg.libvirt.image == str(cache / "images/debian-trixie.qcow2")
+    assert cfg.network.etcd_prefix == "/kube/network"  # seed 001's custom prefix

@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from tests.conftest import base_config
 from tests.mockrun import Graph, Registration, run_program
 
 CMD = "command:remote:Command"
@@ -27,14 +28,14 @@ WORKER_UPLOADS = {"bin-flanneld", "bin-containerd", "bin-ctr", "bin-containerd-s
                   "images-pause.tar", "images-coredns.tar"}
 
 
-@pytest.fixture
-def lab(config_for) -> Graph:
-    return run_program(config_for("libvirt"))
+@pytest.fixture(scope="module")
+def lab(module_cache) -> Graph:
+    return run_program(base_config(module_cache, "libvirt"))
 
 
-@pytest.fixture
-def seed000(config_for) -> Graph:
-    raw = config_for("libvirt")
+@pytest.fixture(scope="module")
+def seed000(module_cache) -> Graph:
+    raw = base_config(module_cache, "libvirt")
     raw.update(masters={"count": 3}, workers={"count": 0}, masters_run_workloads=True)
     return run_program(raw)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import base_config
 from tests.mockrun import Graph, run_program
 
 CMD = "command:remote:Command"
@@ -54,32 +55,11 @@ def shipped_files(g: Graph) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def lab_files(tmp_path_factory) -> tuple[Graph, dict[str, dict[str, str]]]:
-    from components.versions import bundle_key, load_versions
-    from tests.conftest import base_config, make_bundle  # module-scoped copy of the cache fixture
-
-    root = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("KUBELAB_CACHE")
-    os.environ["KUBELAB_CACHE"] = str(root)
-    try:
-        (root / "ssh").mkdir()
-        (root / "ssh/id_ed25519").write_text("key")
-        from tests.conftest import PUBKEY
-
-        (root / "ssh/id_ed25519.pub").write_text(PUBKEY)
-        (root / "images").mkdir()
-        (root / "images/debian-trixie.qcow2").write_bytes(b"x")
-        v = load_versions()["node"]
-        make_bundle(root / "bundles" / bundle_key(v), v)
-        raw = base_config(root, "libvirt")
-        raw["registry_mirrors"] = {"docker.io": ["http://10.240.0.11:5000"]}
-        raw["addons"] = {"dashboard": True}
-        g = run_program(raw)
-    finally:
-        if old is None:
-            os.environ.pop("KUBELAB_CACHE", None)
-        else:
-            os.environ["KUBELAB_CACHE"] = old
+def lab_files(module_cache) -> tuple[Graph, dict[str, dict[str, str]]]:
+    raw = base_config(module_cache, "libvirt")
+    raw["registry_mirrors"] = {"docker.io": ["http://10.240.0.11:5000"]}
+    raw["addons"] = {"dashboard": True}
+    g = run_program(raw)
     return g, shipped_files(g)
 
 
