@@ -1,0 +1,3 @@
+module kubelab/netcheck
+
+go 1.26

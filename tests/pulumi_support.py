@@ -1,0 +1,105 @@
+"""Running the real Pulumi CLI against a copy of the project (engine and e2e tiers).
+
+The project is copied into a temporary directory (sharing the repo's virtualenv), with a file
+backend, a test passphrase and an isolated ``PULUMI_HOME``, so a test never touches the
+developer's stacks. Plugins are the offline-built binaries under ``$KUBELAB_CACHE/bin``,
+found on ``PATH`` ("ambient" plugins); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import default_cache_dir
+
+REPO = Path(__file__).resolve().parent.parent
+# The developer's real cache, read before any test fixture points KUBELAB_CACHE elsewhere.
+REAL_CACHE = default_cache_dir()
+TOOLS = ("pulumi", "pulumi-language-python", "pulumi-resource-command", "pulumi-resource-tls",
+         "pulumi-resource-libvirt", "pulumi-resource-digitalocean")
+PROJECT_FILES = ("Pulumi.yaml", "__main__.py", "versions.toml", "components", "templates")
+
+
+def toolchain_bin() -> Path:
+    """The toolchain's bin dir, or skip the test loudly naming what is missing."""
+    bindir = REAL_CACHE / "bin"
+    missing = [t for t in TOOLS if not (bindir / t).exists() and not shutil.which(t)]
+    if missing:
+        pytest.skip(f"TOOLCHAIN CACHE INCOMPLETE ({bindir}): missing {', '.join(missing)}; run `make tools`")
+    return bindir
+
+
+class Project:
+    """A throwaway copy of the kubelab project with one stack."""
+
+    def __init__(self, tmp: Path, stack: str, cluster: dict, extra: dict | None = None,
+                 secrets: dict[str, str] | None = None, prefix: list[str] | None = None,
+                 cache: Path | None = None):
+        self.dir = tmp / "project"
+        self.dir.mkdir(parents=True)
+        for name in PROJECT_FILES:
+            src = REPO / name
+            if src.is_dir():
+                shutil.copytree(src, self.dir / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(src, self.dir / name)
+        (self.dir / ".venv").symlink_to(REPO / ".venv")
+        self.stack = stack
+        self.prefix = prefix or []
+        bindir = toolchain_bin()
+        (tmp / "state").mkdir()
+        (tmp / "home").mkdir()
+        self.env = {
+            **os.environ,
+            "PATH": f"{bindir}:{REPO / '.venv/bin'}:{os.environ['PATH']}",
+            "PULUMI_HOME": str(tmp / "home"),
+            "PULUMI_BACKEND_URL": f"file://{tmp / 'state'}",
+            "PULUMI_CONFIG_PASSPHRASE": "kubelab-test-passphrase",
+            "PULUMI_SKIP_UPDATE_CHECK": "true",
+            "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
+            "PULUMI_EXPERIMENTAL": "false",
+            "KUBELAB_CACHE": str(cache or REAL_CACHE),
+        }
+        self.env.pop("PULUMI_CONFIG_PASSPHRASE_FILE", None)
+        self.run("stack", "init", stack)
+        stack_file = self.dir / f"Pulumi.{stack}.yaml"
+        doc = yaml.safe_load(stack_file.read_text()) if stack_file.exists() else {}
+        doc = doc or {}
+        doc.setdefault("config", {})["kubelab:cluster"] = cluster
+        doc["config"].update(extra or {})
+        stack_file.write_text(yaml.safe_dump(doc))
+        for key, value in (secrets or {}).items():
+            self.run("config", "set", "--secret", key, value)
+
+    def run(self, *args: str, check: bool = True, timeout: float = 1800, in_netns: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [*(self.prefix if in_netns else []), "pulumi", *args, "--non-interactive", "--stack", self.stack] \
+            if args[0] not in ("stack",) else ["pulumi", *args, "--non-interactive"]
+        proc = subprocess.run(cmd, cwd=self.dir, env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+        return proc
+
+    def preview_json(self, *args: str, check: bool = True) -> tuple[dict, subprocess.CompletedProcess[str]]:
+        proc = self.run("preview", "--json", *args, check=check)
+        try:
+            return json.loads(proc.stdout), proc
+        except json.JSONDecodeError:
+            return {}, proc
+
+
+def planned(preview: dict) -> list[dict]:
+    """The planned steps of ``pulumi preview --json`` other than the stack itself."""
+    out = []
+    for step in preview.get("steps", []):
+        state = step.get("newState") or step.get("oldState") or {}
+        if state.get("type") == "pulumi:pulumi:Stack":
+            continue
+        out.append({"op": step["op"], "type": state.get("type"), "urn": step["urn"], "name": step["urn"].rsplit("::", 1)[1]})
+    return out

@@ -1,0 +1,106 @@
+"""The real Pulumi engine and providers, offline: previews of the libvirt and DigitalOcean
+stacks, and a bad config refused with nothing planned (marker ``engine``)."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import base_config, prepare_cache
+from tests.pulumi_support import REPO, Project, planned, toolchain_bin
+
+pytestmark = pytest.mark.engine
+
+sys.path.insert(0, str(REPO / "lab"))
+
+
+@pytest.fixture(scope="module")
+def lab_daemons(tmp_path_factory):
+    """A real libvirtd inside a network namespace of the test's own (stopped afterwards)."""
+    toolchain_bin()
+    from harness import Lab  # lab/harness.py
+
+    state = tmp_path_factory.mktemp("lab") / "state.json"
+    lab = Lab(state_file=state)
+    lab.up()
+    yield lab
+    lab.down()
+
+
+def count_by_type(steps: list[dict]) -> collections.Counter:
+    return collections.Counter(s["type"] for s in steps)
+
+
+def test_libvirt_preview_against_real_libvirtd(tmp_path, lab_daemons):
+    cache = prepare_cache(tmp_path / "cache")
+    cluster = base_config(cache, "libvirt")
+    cluster["libvirt"]["network_name"] = "kubelab-engine-test"
+    project = Project(tmp_path, "engine", cluster, prefix=lab_daemons.exec_prefix(), cache=cache)
+    preview, _ = project.preview_json()
+    steps = planned(preview)
+    assert all(s["op"] == "create" for s in steps), steps
+    types = count_by_type(steps)
+    assert types["libvirt:index/domain:Domain"] == 3
+    assert types["libvirt:index/volume:Volume"] == 4
+    assert types["libvirt:index/cloudInitDisk:CloudInitDisk"] == 3
+    assert types["libvirt:index/network:Network"] == 1
+    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 16
+    assert types["command:remote:Command"] == 20
+    assert types["command:remote:CopyToRemote"] == 7 + 14 + 14
+    names = {s["name"] for s in steps}
+    for node in ("master-1", "worker-1", "worker-2"):
+        assert f"{node}-wait-for-ssh" in names
+    assert {"worker-1-kubelet", "worker-2-kubelet", "master-1-kube-apiserver", "master-1-cluster-ready"} <= names
+    assert "kubeconfig" in str(preview.get("outputs", preview))  # planned export
+
+
+def test_digitalocean_preview_with_dummy_token_offline(tmp_path):
+    cache = prepare_cache(tmp_path / "cache")
+    project = Project(tmp_path, "do", base_config(cache, "digitalocean"),
+                      secrets={"digitalocean:token": "dummy-token-not-real"}, cache=cache)
+    preview, _ = project.preview_json()
+    types = count_by_type(planned(preview))
+    assert types["digitalocean:index/droplet:Droplet"] == 3
+    assert types["digitalocean:index/vpc:Vpc"] == 1
+    assert types["digitalocean:index/firewall:Firewall"] == 1
+    assert types["digitalocean:index/tag:Tag"] == 3
+    assert types["digitalocean:index/project:Project"] == 1
+    assert types["command:remote:Command"] == 20
+
+
+def test_bad_config_fails_preview_with_the_message_and_plans_nothing(tmp_path):
+    cache = prepare_cache(tmp_path / "cache")
+    cluster = base_config(cache, "digitalocean")
+    cluster["masters"] = {"count": 2}
+    cluster["network"] = {"pod_cidr": "10.32.0.0/16"}
+    project = Project(tmp_path, "bad", cluster, secrets={"digitalocean:token": "dummy"}, cache=cache)
+    preview, proc = project.preview_json(check=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "invalid stack config (kubelab:cluster), nothing was created" in text
+    assert "masters.count: 2 masters means an even number of etcd members" in text
+    assert "network.service_cidr: 10.32.0.0/24 overlaps network.pod_cidr" in text
+    assert "Traceback" not in text
+    assert planned(preview) == []
+
+
+def test_secrets_are_encrypted_in_preview_state_inputs(tmp_path):
+    """Private keys never show in a preview's JSON (the engine marks them secret)."""
+    cache = prepare_cache(tmp_path / "cache")
+    project = Project(tmp_path, "sec", base_config(cache, "digitalocean"),
+                      secrets={"digitalocean:token": "dummy"}, cache=cache)
+    proc = project.run("preview", "--json", "--show-secrets=false")
+    assert "BEGIN OPENSSH PRIVATE KEY" not in proc.stdout  # the deploy key in connections
+    assert "dummy" not in proc.stdout.replace('"dummy', "")  # the token
+
+
+def test_pulumi_and_providers_report_pinned_versions():
+    from components.versions import load_versions
+
+    bindir = toolchain_bin()
+    v = load_versions()
+    out = subprocess.run([str(bindir / "pulumi"), "version"], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"v{v['pulumi']['cli']}"
