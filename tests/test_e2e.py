@@ -1,0 +1,290 @@
+"""End to end on this machine: real VMs (libvirt, TCG here), real binaries, a real cluster.
+
+From an empty stack: ``pulumi up`` → every node Ready → kubectl works with the exported
+kubeconfig → a pod on each worker (image imported from a local archive, no registry) →
+pod-to-pod across nodes (flannel) → pod to a Service ClusterIP → DNS through CoreDNS →
+anonymous requests refused (apiserver, kubelet, etcd) → ``preview --expect-no-changes`` →
+a second ``up`` changes and uploads nothing → no plaintext key in ``stack export`` →
+``destroy`` leaves no domain, volume or network. Every run writes ``.e2e/timings.json``.
+
+``KUBELAB_E2E_TOPOLOGY=seed000`` runs seed 000's topology instead (3 masters that also run
+workloads). Everything that crosses a network runs inside the lab's network namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.versions import bundle_key, load_versions
+from tests.pulumi_support import REAL_CACHE, REPO, Project, toolchain_bin
+
+pytestmark = pytest.mark.e2e
+sys.path.insert(0, str(REPO / "lab"))
+sys.path.insert(0, str(REPO / "tools"))
+
+TOPOLOGY = os.environ.get("KUBELAB_E2E_TOPOLOGY", "1+2")
+NAME = "kubelab-e2e"
+NODE_CIDR = "10.241.0.0/24"
+TIMINGS = REPO / ".e2e" / ("timings.json" if TOPOLOGY == "1+2" else f"timings-{TOPOLOGY}.json")
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            "-o", "ConnectTimeout=10"]
+
+
+def log(msg: str) -> None:
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Timings(dict):
+    """Written after every phase, so a failed run still leaves what it measured."""
+
+    def save(self) -> None:
+        TIMINGS.parent.mkdir(exist_ok=True)
+        TIMINGS.write_text(json.dumps(self, indent=2, sort_keys=True) + "\n")
+
+
+def events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def resource_times(evs: list[dict]) -> dict[str, tuple[float, float, str, str]]:
+    """name -> (start, done, op, type) from an engine event log."""
+    start: dict[str, float] = {}
+    out: dict[str, tuple[float, float, str, str]] = {}
+    for e in evs:
+        if "resourcePreEvent" in e:
+            md = e["resourcePreEvent"]["metadata"]
+            start[md["urn"]] = e["timestamp"]
+        elif "resOutputsEvent" in e:
+            md = e["resOutputsEvent"]["metadata"]
+            urn = md["urn"]
+            if md["type"].startswith("kubelab:"):  # components share names with their VMs
+                continue
+            out[urn.rsplit("::", 1)[1]] = (start.get(urn, e["timestamp"]), e["timestamp"], md["op"], md["type"])
+    return out
+
+
+def uploaded_bytes(times: dict, bundle: Path) -> dict[str, int]:
+    """Bytes uploaded per node: CopyToRemote resources created or updated in this run."""
+    per: dict[str, int] = {}
+    for name, (_, _, op, typ) in times.items():
+        if typ != "command:remote:CopyToRemote" or op in ("same", "read"):
+            continue
+        node, rel = name.split("-upload-", 1)
+        folder, file = rel.split("-", 1)
+        per[node] = per.get(node, 0) + (bundle / folder / file).stat().st_size
+    return per
+
+
+@pytest.fixture(scope="module")
+def prerequisites() -> dict[str, Path]:
+    toolchain_bin()
+    bundle = REAL_CACHE / "bundles" / bundle_key(load_versions()["node"])
+    image = REAL_CACHE / "images" / "debian-trixie.qcow2"
+    if not (bundle / "SHA256SUMS").exists():
+        pytest.skip(f"NODE BUNDLE MISSING ({bundle}); run `make tools`")
+    if not image.exists():
+        pytest.skip(f"BASE IMAGE MISSING ({image}); run `make image`")
+    key = REAL_CACHE / "ssh" / "id_ed25519"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kubelab-lab", "-f", str(key)], check=True)
+    return {"bundle": bundle, "image": image, "key": key}
+
+
+def netcheck_image(dest: Path) -> Path:
+    """Build the test workload and package it as an importable image (no registry)."""
+    binary = dest / "netcheck"
+    subprocess.run(["go", "build", "-trimpath", "-o", str(binary), "."], cwd=REPO / "tests/netcheck", check=True,
+                   env={**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"})
+    from bundle_build import write_oci_archive  # tools/bundle_build.py
+
+    archive = dest / "netcheck.tar"
+    write_oci_archive(archive, "kubelab.local/netcheck:e2e", {"netcheck": (binary.read_bytes(), 0o755)},
+                      {"Entrypoint": ["/netcheck"], "Cmd": ["serve"]})
+    return archive
+
+
+def cluster_config(pre: dict[str, Path]) -> dict:
+    raw = yaml.safe_load((REPO / "Pulumi.dev.yaml").read_text())["config"]["kubelab:cluster"]
+    raw["name"] = NAME
+    raw["network"]["node_cidr"] = NODE_CIDR
+    raw["libvirt"]["network_name"] = NAME
+    raw["libvirt"]["image"] = str(pre["image"])
+    raw["ssh"]["private_key_file"] = str(pre["key"])
+    if TOPOLOGY == "seed000":
+        raw["masters"] = {**raw["masters"], "count": 3, "memory_mib": 2560, "cpus": 1}
+        raw["workers"] = {**raw["workers"], "count": 0}
+        raw["masters_run_workloads"] = True
+        raw["network"]["etcd_prefix"] = "/coreos.com/network"  # seed 000's prefix
+    return raw
+
+
+def test_lab_cluster_end_to_end(tmp_path, prerequisites):
+    from harness import Lab  # lab/harness.py
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+    t = Timings(passed=False, commit=commit, topology=TOPOLOGY)
+    t.save()
+    lab = Lab(state_file=tmp_path / "lab-state.json")
+    lab.up()
+    raw = cluster_config(prerequisites)
+    project = Project(tmp_path, "e2e", raw, prefix=lab.exec_prefix())
+    bundle = prerequisites["bundle"]
+    kubectl_bin = str(bundle / "bin/kubectl")
+    destroyed = False
+
+    def in_ns(*cmd: str, check: bool = True, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*lab.exec_prefix(), *cmd], capture_output=True, text=True, check=check, timeout=timeout, input=input)
+
+    try:
+        # --- pulumi up from an empty stack --------------------------------------------------
+        log("pulumi up (from an empty stack)")
+        ev1 = tmp_path / "up1.events.jsonl"
+        t0 = time.monotonic()
+        proc = project.run("up", "--yes", "--skip-preview", "--event-log", str(ev1), check=False, timeout=3600)
+        t["up_total_s"] = round(time.monotonic() - t0, 1)
+        times = resource_times(events(ev1))
+        up_start = min((s for s, _, _, _ in times.values()), default=0)
+        boots = [times[f"{n}-wait-for-ssh"][1] - times[n][0] for n in [x["name"] for x in _nodes(raw)]
+                 if f"{n}-wait-for-ssh" in times and n in times]
+        if boots:
+            t["vm_boot_to_ssh_s"] = round(max(boots), 1)
+        ready = [v for k, v in times.items() if k.endswith("-cluster-ready")]
+        if ready:
+            t["up_to_ready_s"] = round(ready[0][1] - up_start, 1)
+        t["uploaded_bytes_per_node"] = uploaded_bytes(times, bundle)
+        t["nodes"] = len(_nodes(raw))
+        t.save()
+        assert proc.returncode == 0, f"pulumi up failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+        log(f"up done in {t['up_total_s']} s")
+
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(project.run("stack", "output", "kubeconfig", "--show-secrets", "--stack", "e2e").stdout)
+        outputs = json.loads(project.run("stack", "output", "--json", "--stack", "e2e").stdout)
+        assert outputs["kubeconfig"] == "[secret]"
+        api = outputs["apiserverUrl"]
+
+        def kubectl(*args: str, check: bool = True, timeout: float = 120, input: str | None = None) -> str:
+            proc = in_ns(kubectl_bin, "--kubeconfig", str(kubeconfig), *args, check=False, timeout=timeout, input=input)
+            if check and proc.returncode != 0:
+                raise AssertionError(f"kubectl {' '.join(args)}: {proc.stderr}{proc.stdout}")
+            return proc.stdout
+
+        # --- every node Ready, through the exported kubeconfig --------------------------------
+        nodes = json.loads(kubectl("get", "nodes", "-o", "json"))["items"]
+        workload = [n["name"] for n in _nodes(raw) if n["runs_workloads"]]
+        assert sorted(n["metadata"]["name"] for n in nodes) == sorted(workload)
+        for n in nodes:
+            cond = {c["type"]: c["status"] for c in n["status"]["conditions"]}
+            assert cond["Ready"] == "True", n["metadata"]["name"]
+        log("nodes Ready: " + ", ".join(workload))
+
+        # --- a pod on each worker from a local image (no registry) ----------------------------
+        archive = netcheck_image(tmp_path)
+        key = str(prerequisites["key"])
+        for n in _nodes(raw):
+            if not n["runs_workloads"]:
+                continue
+            host = f"kubelab@{n['address']}"
+            in_ns("scp", *SSH_OPTS, "-i", key, str(archive), f"{host}:/tmp/netcheck.tar", timeout=300)
+            in_ns("ssh", *SSH_OPTS, "-i", key, host, "sudo /usr/local/bin/ctr -n k8s.io images import /tmp/netcheck.tar", timeout=300)
+        pods = []
+        for i, node in enumerate(workload[:2] if len(workload) >= 2 else workload * 2):
+            pods.append(f"netcheck-{i}")
+            kubectl("apply", "-f", "-", input=yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"netcheck-{i}", "labels": {"app": "netcheck"}},
+                "spec": {"nodeName": node, "containers": [{
+                    "name": "netcheck", "image": "kubelab.local/netcheck:e2e", "imagePullPolicy": "Never",
+                    "args": ["serve"], "ports": [{"containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/", "port": 8080}}}]}}))
+        kubectl("apply", "-f", "-", input=yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "netcheck"},
+            "spec": {"selector": {"app": "netcheck"}, "ports": [{"port": 80, "targetPort": 8080}]}}))
+        kubectl("wait", "--for=condition=Ready", "pod", "-l", "app=netcheck", "--timeout=600s", timeout=660)
+        ips = {p: kubectl("get", "pod", p, "-o", "jsonpath={.status.podIP}") for p in pods}
+        log(f"pods Ready: {ips}")
+
+        # --- pod to pod across nodes (flannel), pod to Service, DNS (CoreDNS) ----------------
+        out = kubectl("exec", pods[0], "--", "/netcheck", "get", f"http://{ips[pods[1]]}:8080/")
+        assert f"hello from {pods[1]}" in out
+        out = kubectl("exec", pods[1], "--", "/netcheck", "get", f"http://{ips[pods[0]]}:8080/")
+        assert f"hello from {pods[0]}" in out
+        svc_ip = kubectl("get", "svc", "netcheck", "-o", "jsonpath={.spec.clusterIP}")
+        out = kubectl("exec", pods[0], "--", "/netcheck", "get", f"http://{svc_ip}/")
+        assert "hello from netcheck-" in out
+        out = kubectl("exec", pods[0], "--", "/netcheck", "lookup", "netcheck.default.svc.cluster.local")
+        assert svc_ip in out
+        out = kubectl("exec", pods[1], "--", "/netcheck", "lookup", "kubernetes.default")
+        assert raw["network"]["service_cidr"].rsplit(".", 1)[0] in out
+        log("pod-to-pod, pod-to-service and DNS work")
+
+        # --- anonymous requests are refused ---------------------------------------------------
+        master, worker = _nodes(raw)[0]["address"], next(n["address"] for n in _nodes(raw) if n["runs_workloads"])
+        code = in_ns("curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", f"{api}/api/v1/namespaces").stdout
+        assert code in ("401", "403"), f"apiserver answered {code} to an anonymous request"
+        code = in_ns("curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", f"https://{worker}:10250/pods").stdout
+        assert code == "401", f"kubelet answered {code} to an anonymous request"
+        etcd = in_ns("curl", "-sk", "--max-time", "10", f"https://{master}:2379/version", check=False)
+        assert etcd.returncode != 0 and "etcd" not in etcd.stdout, "etcd answered without a client certificate"
+        log("anonymous apiserver/kubelet/etcd refused")
+
+        # --- no-op: preview and a second up change and upload nothing ------------------------
+        t0 = time.monotonic()
+        project.run("preview", "--expect-no-changes", timeout=1200)
+        t["noop_preview_s"] = round(time.monotonic() - t0, 1)
+        ev2 = tmp_path / "up2.events.jsonl"
+        t0 = time.monotonic()
+        project.run("up", "--yes", "--skip-preview", "--event-log", str(ev2), timeout=1200)
+        t["noop_up_s"] = round(time.monotonic() - t0, 1)
+        times2 = resource_times(events(ev2))
+        changed = sorted(k for k, v in times2.items() if v[2] not in ("same", "read"))
+        t["noop_uploaded_bytes"] = sum(uploaded_bytes(times2, bundle).values())
+        t.save()
+        assert changed == [], f"second up changed {changed}"
+        assert t["noop_uploaded_bytes"] == 0
+        log(f"no-op preview {t['noop_preview_s']} s, no-op up {t['noop_up_s']} s")
+
+        # --- no plaintext private key in the state -------------------------------------------
+        state = project.run("stack", "export", "--stack", "e2e").stdout
+        assert "PRIVATE KEY" not in state
+        assert "client-key-data" not in state
+
+        # --- destroy leaves nothing behind ---------------------------------------------------
+        t0 = time.monotonic()
+        project.run("destroy", "--yes", "--skip-preview", timeout=1800)
+        t["destroy_s"] = round(time.monotonic() - t0, 1)
+        destroyed = True
+        leftovers = [line for cmd in (["list", "--all", "--name"], ["net-list", "--all", "--name"], ["vol-list", "kubelab"])
+                     for line in lab.virsh(*cmd, check=False).stdout.splitlines() if NAME in line]
+        assert leftovers == [], f"left behind: {leftovers}"
+        t["passed"] = True
+        t.save()
+        log("destroy left nothing behind; e2e passed")
+    finally:
+        if not destroyed:
+            log("cleaning up after a failure: pulumi destroy")
+            project.run("destroy", "--yes", "--skip-preview", check=False, timeout=1800)
+        lab.down()
+        t.save()
+        summary = {k: t.get(k) for k in ("passed", "nodes", "vm_boot_to_ssh_s", "up_total_s", "up_to_ready_s",
+                                          "noop_preview_s", "noop_up_s", "noop_uploaded_bytes", "destroy_s")}
+        print(f"\ne2e timings ({TOPOLOGY}): {json.dumps(summary)}  -> {TIMINGS.relative_to(REPO)}")
+
+
+def _nodes(raw: dict) -> list[dict]:
+    """The nodes and addresses the config will produce (same rules as components.config)."""
+    from components.config import parse_cluster_config
+
+    cfg = parse_cluster_config(raw, "e2e")
+    return [{"name": n.name, "address": n.address, "runs_workloads": n.runs_workloads} for n in cfg.nodes]
