@@ -1,0 +1,103 @@
+"""Offline toolchain entry point (``make tools``).
+
+    python3 tools/toolchain.py all|pulumi|bundle|where
+
+``pulumi`` builds the Pulumi CLI, the Python language host and the providers and links them
+into ``$KUBELAB_CACHE/bin``; ``bundle`` builds the node bundle; ``all`` does both; ``where``
+only prints where things are. Builds are cached by version (a second run takes seconds) and
+cold build seconds are merged into ``$KUBELAB_CACHE/build-times.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import kltools
+from kltools import cache_root, log
+
+if str(kltools.REPO) not in sys.path:
+    sys.path.insert(0, str(kltools.REPO))
+
+
+def save_times(timings: dict[str, float]) -> None:
+    """Merge ``timings`` into ``$KUBELAB_CACHE/build-times.json``, keeping earlier entries."""
+    if not timings:
+        return
+    path = cache_root() / "build-times.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**old, **timings}, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def bundle_dir() -> Path:
+    """Where the node bundle for the pinned ``[node]`` versions lives (built or not)."""
+    from components.versions import bundle_key
+
+    return cache_root() / "bundles" / bundle_key(kltools.versions()["node"])
+
+
+def where() -> int:
+    """Print the pulumi binary, the bin dir and the bundle, marking what is missing."""
+    from pulumi_build import bin_dir
+
+    def state(p: Path, done: Path) -> str:
+        return str(p) if done.exists() else f"{p} (not built)"
+
+    pulumi = bin_dir() / "pulumi"
+    print(f"pulumi: {state(pulumi, pulumi)}")
+    print(f"bin:    {bin_dir()}  (export PATH={bin_dir()}:$PATH)")
+    print(f"bundle: {state(bundle_dir(), bundle_dir() / '.done')}")
+    return 0
+
+
+def build_pulumi(timings: dict[str, float]) -> bool:
+    """Build the Pulumi side; False (after logging) when some artifact is missing."""
+    from pulumi_build import ToolchainIncomplete
+    from pulumi_build import build_pulumi as build
+
+    try:
+        build(timings)
+    except ToolchainIncomplete as exc:
+        log(f"pulumi toolchain incomplete: {exc}")
+        return False
+    return True
+
+
+def build_bundle(timings: dict[str, float]) -> bool:
+    """Build the node bundle (``tools/bundle_build.py``, imported only when needed)."""
+    from bundle_build import build_bundle as build
+
+    build(timings)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run one action; exit status 1 if anything is missing."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("action", choices=["all", "pulumi", "bundle", "where"])
+    args = ap.parse_args(argv)
+    if args.action == "where":
+        return where()
+    timings: dict[str, float] = {}
+    start = time.monotonic()
+    ok = True
+    try:
+        if args.action in ("all", "pulumi"):
+            ok = build_pulumi(timings) and ok
+        if args.action in ("all", "bundle"):
+            ok = build_bundle(timings) and ok
+    finally:
+        save_times(timings)
+        log(f"cold builds this run: {json.dumps(timings)}; {time.monotonic() - start:.1f} s")
+    where()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
