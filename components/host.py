@@ -77,6 +77,7 @@ class StepSpec:
     checks: Sequence[Check] = ()
     context: dict[str, object] = field(default_factory=dict)  # extra template variables
     remove: Sequence[str] = ()  # extra paths the teardown removes
+    cleanup: Sequence[str] = ()  # best-effort teardown commands (kill leftovers, delete links)
 
 
 def as_root(script: str, user: str) -> str:
@@ -118,6 +119,9 @@ class HostAccess(pulumi.ComponentResource):
             f"{machine.name}-wait-for-ssh",
             connection=machine.connection(wait=True),
             create=render("scripts/wait-for-ssh.sh.j2", node=machine.name),
+            # Runs last on destroy (every step depends on this one): the staging area goes.
+            delete=as_root(render("scripts/teardown.sh.j2", node=machine.name, step="wait-for-ssh", units=[],
+                                  cleanup=[], paths=["/var/lib/kubelab"]), machine.user) if machine.teardown else None,
             opts=pulumi.ResourceOptions(
                 parent=self,
                 depends_on=machine.depends_on,
@@ -174,8 +178,8 @@ class HostAccess(pulumi.ComponentResource):
         if machine.teardown:
             paths = [f.path for f in spec.files] + [f.path for f in spec.secret_files]
             paths += [b.dest for b in spec.binaries] + [p for p, _ in spec.dirs] + list(spec.remove)
-            delete = as_root(render("scripts/teardown.sh.j2", node=machine.name, step=name,
-                                    units=list(spec.units), paths=paths), machine.user)
+            delete = as_root(render("scripts/teardown.sh.j2", node=machine.name, step=name, units=list(spec.units),
+                                    cleanup=list(spec.cleanup), paths=paths), machine.user)
         return remote.Command(
             f"{machine.name}-{name}",
             connection=machine.connection(),

@@ -37,5 +37,6 @@ class PodNetwork(pulumi.ComponentResource):
                 secret_files=[SecretFile("/etc/flannel/pki/etcd-client.key", pki.flannel_etcd_client.key)],
                 checks=[Check("test -s /run/flannel/subnet.env", tries=90)],
                 remove=["/run/flannel"],
+                cleanup=["ip link delete flannel.1"],
             ), parent=self, depends_on=control_plane.ready)
         self.register_outputs({"backend": cfg.network.flannel_backend, "etcd_prefix": cfg.network.etcd_prefix})

@@ -51,7 +51,9 @@ class WorkerNode(pulumi.ComponentResource):
                        sandbox_image=f"registry.k8s.io/pause:{v['pause']}")),
                    File("/etc/cni/net.d/10-flannel.conflist", render("config/10-flannel.conflist.j2")),
                    *registry_files(cfg)],
-            remove=["/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/cni"],
+            remove=["/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/cni", "/var/lib/cni"],
+            # containerd's KillMode=process leaves shims and containers running: stop them too.
+            cleanup=["pkill -f containerd-shim-runc-v2", "ip link delete cni0"],
         ), parent=self, depends_on=ready)
 
         # 2. kubelet: node client certificate (Node authorizer) and serving certificate.
@@ -70,7 +72,7 @@ class WorkerNode(pulumi.ComponentResource):
                    File("/var/lib/kubelet/pki/kubelet.crt", pki.kubelet_serving[node.name].cert)],
             secret_files=[SecretFile("/var/lib/kubelet/pki/kubelet.key", pki.kubelet_serving[node.name].key),
                           SecretFile("/var/lib/kubelet/kubeconfig", kubelet_kc)],
-            remove=["/etc/kubernetes/resolv.conf"],
+            remove=["/etc/kubernetes/resolv.conf", "/var/lib/kubelet"],
         ), parent=self, depends_on=[*ready, self.containerd, flanneld])
 
         # 3. kube-proxy (iptables mode).
