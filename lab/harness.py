@@ -46,10 +46,7 @@ NETNS_ETC = Path("/etc/netns")
 # `ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf, so libvirtd
 # and the dnsmasq it spawns for VM networks forward DNS only to the namespace's own loopback
 # (where nothing answers): no query can leave the lab.
-NETNS_RESOLV_CONF = (
-    "# kubelab lab namespace (lab/harness.py): no upstream DNS, nothing leaves the lab\n"
-    "nameserver 127.0.0.1\n"
-)
+NETNS_RESOLV_CONF = "# kubelab lab namespace (lab/harness.py): no upstream DNS, nothing leaves the lab\nnameserver 127.0.0.1\n"
 
 # qemu.conf settings the lab needs on these machines (no AppArmor/SELinux, no udev, root):
 # - security_driver "none": the "dac" driver chowns disk files to libvirt-qemu and does not
@@ -113,11 +110,7 @@ def proc_netns_inode(pid: int) -> int | None:
 def pids_named(comm: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
-        if (
-            entry.name.isdigit()
-            and proc_comm(int(entry.name)) == comm
-            and proc_starttime(int(entry.name)) is not None
-        ):
+        if entry.name.isdigit() and proc_comm(int(entry.name)) == comm and proc_starttime(int(entry.name)) is not None:
             pids.append(int(entry.name))
     return sorted(pids)
 
@@ -238,19 +231,17 @@ class Lab:
     def exec_prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.netns]
 
-    def run(
-        self, cmd: Sequence[str], check: bool = True, **kwargs: Any
-    ) -> subprocess.CompletedProcess[Any]:
+    def run(self, cmd: Sequence[str], check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
         """Run a command inside the namespace."""
         return subprocess.run([*self.exec_prefix(), *cmd], check=check, **kwargs)
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["virsh", "-q", "-c", URI, *args],
-            check=check,
-            capture_output=True,
-            text=True,
-        )
+        """Run ``virsh -c qemu:///system ARGS``; with check, fail showing virsh's error."""
+        proc = subprocess.run(["virsh", "-q", "-c", URI, *args], check=False, capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            log(f"virsh {' '.join(args)} failed: {proc.stderr.strip()}")
+            proc.check_returncode()
+        return proc
 
     def netns_exists(self) -> bool:
         return (NETNS_DIR / self.netns).exists()
@@ -266,28 +257,20 @@ class Lab:
         return ours is not None and proc_netns_inode(pid) == ours
 
     def libvirt_ready(self) -> bool:
-        proc = subprocess.run(
-            ["virsh", "-c", URI, "uri"], check=False, capture_output=True, text=True
-        )
+        proc = subprocess.run(["virsh", "-c", URI, "uri"], check=False, capture_output=True, text=True)
         return proc.returncode == 0
 
     # -- up
     def up(self) -> State:
         if os.geteuid() != 0:
-            raise SystemExit(
-                "the lab needs root (network namespaces, libvirt system daemon)"
-            )
+            raise SystemExit("the lab needs root (network namespaces, libvirt system daemon)")
         for tool in ("ip", "virsh", "libvirtd", "virtlogd"):
             if shutil.which(tool) is None:
-                raise SystemExit(
-                    f"{tool} not found: install the packages in tools/apt-lab.txt"
-                )
+                raise SystemExit(f"{tool} not found: install the packages in tools/apt-lab.txt")
 
         state = State.load(self.state_file) or State(netns=self.netns)
         if state.netns != self.netns:
-            raise SystemExit(
-                f"{self.state_file} belongs to netns {state.netns!r}; run down first"
-            )
+            raise SystemExit(f"{self.state_file} belongs to netns {state.netns!r}; run down first")
 
         conf_changed = configure_libvirt()
 
@@ -310,9 +293,7 @@ class Lab:
         deadline = time.monotonic() + 60
         while not self.libvirt_ready():
             if time.monotonic() > deadline:
-                raise SystemExit(
-                    f"libvirtd did not answer; see {self.log_dir}/libvirtd.log"
-                )
+                raise SystemExit(f"libvirtd did not answer; see {self.log_dir}/libvirtd.log")
             time.sleep(0.3)
 
         self.ensure_pool()
@@ -321,9 +302,7 @@ class Lab:
         log(f"lab up: netns {self.netns}, {URI}, pool {self.pool} at {self.pool_dir}")
         return state
 
-    def _ensure_daemon(
-        self, state: State, name: str, args: list[str], conf_changed: bool
-    ) -> None:
+    def _ensure_daemon(self, state: State, name: str, args: list[str], conf_changed: bool) -> None:
         mine = [s for s in state.started if s.name == name and s.alive()]
         if mine:
             return
@@ -333,17 +312,10 @@ class Lab:
             pid = running[0]
             if name == "libvirtd" and not self.in_our_netns(pid):
                 # Its bridges, dnsmasq and NAT rules would land outside our namespace.
-                raise SystemExit(
-                    f"libvirtd (pid {pid}) is already running outside netns {self.netns}; "
-                    "stop it (or run it inside the namespace) before using the lab"
-                )
+                raise SystemExit(f"libvirtd (pid {pid}) is already running outside netns {self.netns}; stop it (or run it inside the namespace) before using the lab")
             if name == "libvirtd" and conf_changed:
-                log(
-                    f"WARNING: {QEMU_CONF} changed; restart libvirtd (pid {pid}) to apply it"
-                )
-            log(
-                f"using the {name} already running (pid {pid}); down() will leave it alone"
-            )
+                log(f"WARNING: {QEMU_CONF} changed; restart libvirtd (pid {pid}) to apply it")
+            log(f"using the {name} already running (pid {pid}); down() will leave it alone")
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         logfile = (self.log_dir / f"{name}.log").open("ab")
@@ -359,9 +331,7 @@ class Lab:
         deadline = time.monotonic() + 10
         while proc_comm(proc.pid) != name:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(
-                    f"{name} failed to start; see {self.log_dir}/{name}.log"
-                )
+                raise SystemExit(f"{name} failed to start; see {self.log_dir}/{name}.log")
             time.sleep(0.05)
         start = proc_starttime(proc.pid)
         assert start is not None
@@ -373,9 +343,7 @@ class Lab:
         self.pool_dir.mkdir(parents=True, exist_ok=True)
         info = self.virsh("pool-info", self.pool, check=False)
         if info.returncode != 0:
-            self.virsh(
-                "pool-define-as", self.pool, "dir", "--target", str(self.pool_dir)
-            )
+            self.virsh("pool-define-as", self.pool, "dir", "--target", str(self.pool_dir))
             self.virsh("pool-autostart", self.pool)
             log(f"defined storage pool {self.pool} at {self.pool_dir}")
         else:
@@ -384,9 +352,7 @@ class Lab:
             if m and Path(m.group(1)) != self.pool_dir:
                 log(f"note: pool {self.pool} already exists at {m.group(1)}")
                 self.pool_dir = Path(m.group(1))
-        if not re.search(
-            r"State:\s+running", self.virsh("pool-info", self.pool).stdout
-        ):
+        if not re.search(r"State:\s+running", self.virsh("pool-info", self.pool).stdout):
             self.virsh("pool-start", self.pool)
         self.virsh("pool-refresh", self.pool)
 
@@ -416,9 +382,7 @@ class Lab:
             leftovers = self.netns_pids()
             for pid in leftovers:
                 # Only things inside the namespace we created (spawned by our libvirtd).
-                log(
-                    f"stopping leftover pid {pid} ({proc_comm(pid)}) in netns {self.netns}"
-                )
+                log(f"stopping leftover pid {pid} ({proc_comm(pid)}) in netns {self.netns}")
                 stop_process(Started(proc_comm(pid), pid, proc_starttime(pid) or -1))
             subprocess.run(["ip", "netns", "delete", self.netns], check=True)
             log(f"deleted network namespace {self.netns}")
@@ -450,18 +414,12 @@ class Lab:
         }
         if state:
             result["netns_created"] = state.netns_created
-            result["started"] = [
-                {**asdict(s), "alive": s.alive()} for s in state.started
-            ]
+            result["started"] = [{**asdict(s), "alive": s.alive()} for s in state.started]
             result["pool"] = state.pool
             result["pool_dir"] = state.pool_dir
         if result["libvirt_ready"]:
-            result["domains"] = self.virsh(
-                "list", "--all", check=False
-            ).stdout.splitlines()
-            result["networks"] = self.virsh(
-                "net-list", "--all", check=False
-            ).stdout.splitlines()
+            result["domains"] = self.virsh("list", "--all", check=False).stdout.splitlines()
+            result["networks"] = self.virsh("net-list", "--all", check=False).stdout.splitlines()
         return result
 
 
@@ -488,19 +446,11 @@ def stop_process(s: Started, timeout: float = 20.0) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--netns", default=DEFAULT_NETNS, help="namespace name")
-    parser.add_argument(
-        "--pool", default=DEFAULT_POOL, help="libvirt storage pool name"
-    )
-    parser.add_argument(
-        "--pool-dir", type=Path, help="pool directory (default: cache/pool)"
-    )
+    parser.add_argument("--pool", default=DEFAULT_POOL, help="libvirt storage pool name")
+    parser.add_argument("--pool-dir", type=Path, help="pool directory (default: cache/pool)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser(
-        "up", help="create the netns, start libvirt inside it, ensure the pool"
-    )
-    sub.add_parser(
-        "down", help="stop what up started, delete the netns if up created it"
-    )
+    sub.add_parser("up", help="create the netns, start libvirt inside it, ensure the pool")
+    sub.add_parser("down", help="stop what up started, delete the netns if up created it")
     sub.add_parser("status", help="show the recorded state")
     p_exec = sub.add_parser("exec", help="run a command inside the namespace")
     p_exec.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")

@@ -31,7 +31,7 @@ GATEWAY = "10.240.0.1"
 ADDRESS = "10.240.0.10"
 MAC = "52:54:00:4b:4c:0a"
 USER = "kubelab"
-VOLUME_SIZE = "10G"  # larger than the image: the root fs must grow to it
+VOLUME_SIZE_G = 10  # larger than the image: the root fs must grow to it
 
 NETWORK_XML = f"""<network>
   <name>{NET}</name>
@@ -85,6 +85,16 @@ def domain_xml(disk: str, seed: str, console_log: str) -> str:
 """
 
 
+def volume_xml(name: str, backing: str) -> str:
+    return f"""<volume>
+  <name>{name}</name>
+  <capacity unit='G'>{VOLUME_SIZE_G}</capacity>
+  <target><format type='qcow2'/></target>
+  <backingStore><path>{backing}</path><format type='qcow2'/></backingStore>
+</volume>
+"""
+
+
 def seed_files(pubkey: str, dhcp: bool) -> dict[str, str]:
     user_data = f"""#cloud-config
 hostname: {NAME}
@@ -102,14 +112,8 @@ ssh_pwauth: false
     if dhcp:
         eth = "      dhcp4: true\n"
     else:
-        eth = (
-            f"      addresses: [{ADDRESS}/24]\n"
-            f"      routes: [{{to: default, via: {GATEWAY}}}]\n"
-            f"      nameservers: {{addresses: [{GATEWAY}]}}\n"
-        )
-    network_config = (
-        f"version: 2\nethernets:\n  nic0:\n      match: {{macaddress: '{MAC}'}}\n" + eth
-    )
+        eth = f"      addresses: [{ADDRESS}/24]\n      routes: [{{to: default, via: {GATEWAY}}}]\n      nameservers: {{addresses: [{GATEWAY}]}}\n"
+    network_config = f"version: 2\nethernets:\n  nic0:\n      match: {{macaddress: '{MAC}'}}\n" + eth
     return {
         "user-data": user_data,
         "meta-data": meta_data,
@@ -119,27 +123,17 @@ ssh_pwauth: false
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--dhcp", action="store_true", help="DHCP instead of a static address"
-    )
-    parser.add_argument(
-        "--keep", action="store_true", help="leave VM, network and lab up"
-    )
-    parser.add_argument(
-        "--timeout", type=int, default=600, help="seconds to wait for SSH"
-    )
+    parser.add_argument("--dhcp", action="store_true", help="DHCP instead of a static address")
+    parser.add_argument("--keep", action="store_true", help="leave VM, network and lab up")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds to wait for SSH")
     args = parser.parse_args()
 
-    image = subprocess.run(
-        [str(HERE / "build_image.sh")], check=True, capture_output=True, text=True
-    ).stdout.strip()
+    image = subprocess.run([str(HERE / "build_image.sh")], check=True, capture_output=True, text=True).stdout.strip()
     lab = Lab()
     lab.up()
     tmp = Path(tempfile.mkdtemp(prefix="kubelab-smoke-"))
     key = tmp / "id_ed25519"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
-    )
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     pool_dir = lab.pool_dir
     seed = pool_dir / f"{NAME}-seed.iso"
     vol = f"{NAME}-root.qcow2"
@@ -150,22 +144,11 @@ def main() -> int:
         lab.virsh("net-define", str(tmp / "net.xml"))
         lab.virsh("net-start", NET)
 
-        lab.virsh(
-            "vol-create-as",
-            lab.pool,
-            vol,
-            VOLUME_SIZE,
-            "--format",
-            "qcow2",
-            "--backing-vol",
-            image,
-            "--backing-vol-format",
-            "qcow2",
-        )
+        # virsh --backing-vol only takes volumes of a pool; the XML takes any path.
+        (tmp / "vol.xml").write_text(volume_xml(vol, image))
+        lab.virsh("vol-create", lab.pool, str(tmp / "vol.xml"))
         disk = lab.virsh("vol-path", "--pool", lab.pool, vol).stdout.strip()
-        for fname, text in seed_files(
-            (tmp / "id_ed25519.pub").read_text().strip(), args.dhcp
-        ).items():
+        for fname, text in seed_files((tmp / "id_ed25519.pub").read_text().strip(), args.dhcp).items():
             (tmp / fname).write_text(text)
         subprocess.run(
             [

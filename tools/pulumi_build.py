@@ -39,6 +39,7 @@ LANG_PY = "github.com/pulumi/pulumi/sdk/python/cmd/pulumi-language-python/v3"
 LANG_PY_IN_SDK = f"{SDK}/python/cmd/pulumi-language-python"
 VERSION_VAR = f"{SDK}/go/common/version.Version"
 EXEC_SCRIPT = "pulumi-language-python-exec"
+WORK_PREFIX = ".work-pulumi-"  # scratch dirs in the cache root; left over only by a kill -9
 
 
 class Unobtainable(RuntimeError):
@@ -150,7 +151,7 @@ def _wrapper_build(
     tags: str = "",
 ) -> None:
     """Build ``main_pkg`` from a throw-away module that pins ``requires``."""
-    with tempfile.TemporaryDirectory(dir=cache_root(), prefix=".work-") as tmp:
+    with tempfile.TemporaryDirectory(dir=cache_root(), prefix=WORK_PREFIX) as tmp:
         work = Path(tmp)
         req = "".join(f"\t{m} {v}\n" for m, v in requires.items())
         rep = "".join(f"replace {r}\n" for r in replaces)
@@ -283,7 +284,7 @@ def build_provider(p: Provider, version: str, cli_bin: Path, out: Path) -> None:
     mod_version = provider_module_version(p, version)
     src_ro = module_dir(p.module, mod_version)
     log(f"{p.name} {version}: {p.module}@{mod_version}")
-    with tempfile.TemporaryDirectory(dir=cache_root(), prefix=".work-") as tmp:
+    with tempfile.TemporaryDirectory(dir=cache_root(), prefix=WORK_PREFIX) as tmp:
         src = Path(tmp) / "provider"
         shutil.copytree(src_ro, src)
         for path in [src, *src.rglob("*")]:
@@ -343,6 +344,8 @@ def build_pulumi(timings: dict) -> Path:
     cli = pins["pulumi"]["cli"]
     legacy = pins["pulumi"].get("python_language_host_sdk")
     bin_dir().mkdir(parents=True, exist_ok=True)
+    for stale in cache_root().glob(WORK_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
     built: list[Path] = []
     cli_dir = cached(f"pulumi-v{cli}", lambda o: build_cli(cli, o), timings)
     built.append(cli_dir / "pulumi")

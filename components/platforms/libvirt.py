@@ -48,7 +48,9 @@ class LibvirtLab(pulumi.ComponentResource):
             name=lv.network_name or cfg.name,
             mode="nat",
             addresses=[cfg.network.node_cidr],
-            dhcp=libvirt.NetworkDhcpArgs(enabled=False),
+            # Nodes configure their static address through cloud-init; the DHCP host entries
+            # the provider adds for each interface's address reserve the same one.
+            dhcp=libvirt.NetworkDhcpArgs(enabled=True),
             dns=libvirt.NetworkDnsArgs(enabled=True, local_only=True),
             autostart=True,
             opts=child,
