@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -110,10 +112,12 @@ ssh_pwauth: false
 """
     meta_data = f"instance-id: {NAME}-{int(time.time())}\nlocal-hostname: {NAME}\n"
     if dhcp:
-        eth = "      dhcp4: true\n"
+        eth = "    dhcp4: true\n"
     else:
-        eth = f"      addresses: [{ADDRESS}/24]\n      routes: [{{to: default, via: {GATEWAY}}}]\n      nameservers: {{addresses: [{GATEWAY}]}}\n"
-    network_config = f"version: 2\nethernets:\n  nic0:\n      match: {{macaddress: '{MAC}'}}\n" + eth
+        # cloud-init 25.1 rejects netplan's `to: default` (the whole init-local stage fails and
+        # networkd-wait-online then costs 2 min): give the route as a CIDR.
+        eth = f"    addresses: [{ADDRESS}/24]\n    routes: [{{to: 0.0.0.0/0, via: {GATEWAY}}}]\n    nameservers: {{addresses: [{GATEWAY}]}}\n"
+    network_config = f"version: 2\nethernets:\n  nic0:\n    match: {{macaddress: '{MAC}'}}\n" + eth
     return {
         "user-data": user_data,
         "meta-data": meta_data,
@@ -127,6 +131,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="leave VM, network and lab up")
     parser.add_argument("--timeout", type=int, default=600, help="seconds to wait for SSH")
     args = parser.parse_args()
+    # A plain `kill` should still tear down (the finally block below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     image = subprocess.run([str(HERE / "build_image.sh")], check=True, capture_output=True, text=True).stdout.strip()
     lab = Lab()
@@ -243,6 +249,7 @@ def main() -> int:
             lab.virsh("net-undefine", NET, check=False)
             log(f"tear-down took {time.monotonic() - t1:.1f} s")
             lab.down()
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
