@@ -326,12 +326,20 @@ def bin_dir() -> Path:
     return cache_root() / "bin"
 
 
-def _link(target: Path) -> None:
-    """Point ``bin/<name>`` at ``target`` (atomic replace)."""
+def _link(target: Path, hard: bool = False) -> None:
+    """Point ``bin/<name>`` at ``target`` (atomic replace); ``hard``: a hard link instead.
+
+    ``bin/pulumi`` is a hard link: the CLI looks for its bundled language host next to its
+    own resolved path, so with a symlink it would find ``pulumi-language-python`` only on
+    $PATH and warn "using pulumi-language-python from $PATH" on every run.
+    """
     link = bin_dir() / target.name
     tmp = link.with_name(f".{target.name}.tmp")
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
+    if hard:
+        tmp.hardlink_to(target)
+    else:
+        tmp.symlink_to(target)
     tmp.replace(link)
 
 
@@ -365,7 +373,7 @@ def build_pulumi(timings: dict) -> Path:
             continue
         built.append(d / f"pulumi-resource-{p.name}")
     for target in built:
-        _link(target)
+        _link(target, hard=target == cli_dir / "pulumi")
     if failures:
         raise ToolchainIncomplete(bin_dir(), failures)
     return bin_dir()
