@@ -14,6 +14,8 @@ export PULUMI_SKIP_UPDATE_CHECK := true
 export PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION := true
 export PULUMI_BACKEND_URL ?= file://$(KUBELAB_CACHE)/state
 export PULUMI_CONFIG_PASSPHRASE_FILE ?= $(KUBELAB_CACHE)/passphrase
+# The offline-built language host predates runtime.options.virtualenv: point it at the venv.
+export PULUMI_PYTHON_CMD ?= $(CURDIR)/$(VENV)/bin/python
 LAB := $(PYTHON) lab/harness.py
 IN_LAB := ip netns exec kubelab
 

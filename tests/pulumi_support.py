@@ -22,17 +22,23 @@ from components.config import default_cache_dir
 REPO = Path(__file__).resolve().parent.parent
 # The developer's real cache, read before any test fixture points KUBELAB_CACHE elsewhere.
 REAL_CACHE = default_cache_dir()
-TOOLS = ("pulumi", "pulumi-language-python", "pulumi-resource-command", "pulumi-resource-tls",
-         "pulumi-resource-libvirt", "pulumi-resource-digitalocean")
+CLI = ("pulumi", "pulumi-language-python")
+PROVIDERS = ("pulumi-resource-command", "pulumi-resource-tls", "pulumi-resource-libvirt", "pulumi-resource-digitalocean")
 PROJECT_FILES = ("Pulumi.yaml", "__main__.py", "versions.toml", "components", "templates")
 
 
-def toolchain_bin() -> Path:
-    """The toolchain's bin dir, or skip the test loudly naming what is missing."""
+def toolchain_bin(providers: bool = True) -> Path:
+    """The toolchain's bin dir, or skip the test loudly naming what is missing.
+
+    ``providers=False`` for tests that never register a provider resource (a config refused
+    at preview time needs only the CLI and the language host).
+    """
     bindir = REAL_CACHE / "bin"
-    missing = [t for t in TOOLS if not (bindir / t).exists() and not shutil.which(t)]
+    wanted = CLI + (PROVIDERS if providers else ())
+    missing = [t for t in wanted if not (bindir / t).exists() and not shutil.which(t)]
     if missing:
-        pytest.skip(f"TOOLCHAIN CACHE INCOMPLETE ({bindir}): missing {', '.join(missing)}; run `make tools`")
+        pytest.skip(f"TOOLCHAIN CACHE INCOMPLETE ({bindir}): missing {', '.join(missing)}; run `make tools` "
+                    f"(see tools/README.md: the Go module proxy here refuses the provider modules)")
     return bindir
 
 
@@ -41,7 +47,7 @@ class Project:
 
     def __init__(self, tmp: Path, stack: str, cluster: dict, extra: dict | None = None,
                  secrets: dict[str, str] | None = None, prefix: list[str] | None = None,
-                 cache: Path | None = None):
+                 cache: Path | None = None, providers: bool = True):
         self.dir = tmp / "project"
         self.dir.mkdir(parents=True)
         for name in PROJECT_FILES:
@@ -53,7 +59,7 @@ class Project:
         (self.dir / ".venv").symlink_to(REPO / ".venv")
         self.stack = stack
         self.prefix = prefix or []
-        bindir = toolchain_bin()
+        bindir = toolchain_bin(providers)
         (tmp / "state").mkdir()
         (tmp / "home").mkdir()
         self.env = {
@@ -66,6 +72,8 @@ class Project:
             "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
             "PULUMI_EXPERIMENTAL": "false",
             "KUBELAB_CACHE": str(cache or REAL_CACHE),
+            # The offline-built language host predates runtime.options.virtualenv.
+            "PULUMI_PYTHON_CMD": str(REPO / ".venv/bin/python"),
         }
         self.env.pop("PULUMI_CONFIG_PASSPHRASE_FILE", None)
         self.run("stack", "init", stack)

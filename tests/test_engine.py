@@ -76,7 +76,7 @@ def test_bad_config_fails_preview_with_the_message_and_plans_nothing(tmp_path):
     cluster = base_config(cache, "digitalocean")
     cluster["masters"] = {"count": 2}
     cluster["network"] = {"pod_cidr": "10.32.0.0/16"}
-    project = Project(tmp_path, "bad", cluster, secrets={"digitalocean:token": "dummy"}, cache=cache)
+    project = Project(tmp_path, "bad", cluster, secrets={"digitalocean:token": "dummy"}, cache=cache, providers=False)
     preview, proc = project.preview_json(check=False)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
@@ -100,7 +100,7 @@ def test_secrets_are_encrypted_in_preview_state_inputs(tmp_path):
 def test_pulumi_and_providers_report_pinned_versions():
     from components.versions import load_versions
 
-    bindir = toolchain_bin()
+    bindir = toolchain_bin(providers=False)
     v = load_versions()
     out = subprocess.run([str(bindir / "pulumi"), "version"], capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"v{v['pulumi']['cli']}"
