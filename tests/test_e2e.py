@@ -174,70 +174,7 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         assert outputs["kubeconfig"] == "[secret]"
         api = outputs["apiserverUrl"]
 
-        def kubectl(*args: str, check: bool = True, timeout: float = 120, input: str | None = None) -> str:
-            proc = in_ns(kubectl_bin, "--kubeconfig", str(kubeconfig), *args, check=False, timeout=timeout, input=input)
-            if check and proc.returncode != 0:
-                raise AssertionError(f"kubectl {' '.join(args)}: {proc.stderr}{proc.stdout}")
-            return proc.stdout
-
-        # --- every node Ready, through the exported kubeconfig --------------------------------
-        nodes = json.loads(kubectl("get", "nodes", "-o", "json"))["items"]
-        workload = [n["name"] for n in _nodes(raw) if n["runs_workloads"]]
-        assert sorted(n["metadata"]["name"] for n in nodes) == sorted(workload)
-        for n in nodes:
-            cond = {c["type"]: c["status"] for c in n["status"]["conditions"]}
-            assert cond["Ready"] == "True", n["metadata"]["name"]
-        log("nodes Ready: " + ", ".join(workload))
-
-        # --- a pod on each worker from a local image (no registry) ----------------------------
-        archive = netcheck_image(tmp_path)
-        key = str(prerequisites["key"])
-        for n in _nodes(raw):
-            if not n["runs_workloads"]:
-                continue
-            host = f"kubelab@{n['address']}"
-            in_ns("scp", *SSH_OPTS, "-i", key, str(archive), f"{host}:/tmp/netcheck.tar", timeout=300)
-            in_ns("ssh", *SSH_OPTS, "-i", key, host, "sudo /usr/local/bin/ctr -n k8s.io images import /tmp/netcheck.tar", timeout=300)
-        pods = []
-        for i, node in enumerate(workload[:2] if len(workload) >= 2 else workload * 2):
-            pods.append(f"netcheck-{i}")
-            kubectl("apply", "-f", "-", input=yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": f"netcheck-{i}", "labels": {"app": "netcheck"}},
-                "spec": {"nodeName": node, "containers": [{
-                    "name": "netcheck", "image": "kubelab.local/netcheck:e2e", "imagePullPolicy": "Never",
-                    "args": ["serve"], "ports": [{"containerPort": 8080}],
-                    "readinessProbe": {"httpGet": {"path": "/", "port": 8080}}}]}}))
-        kubectl("apply", "-f", "-", input=yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "netcheck"},
-            "spec": {"selector": {"app": "netcheck"}, "ports": [{"port": 80, "targetPort": 8080}]}}))
-        kubectl("wait", "--for=condition=Ready", "pod", "-l", "app=netcheck", "--timeout=600s", timeout=660)
-        ips = {p: kubectl("get", "pod", p, "-o", "jsonpath={.status.podIP}") for p in pods}
-        log(f"pods Ready: {ips}")
-
-        # --- pod to pod across nodes (flannel), pod to Service, DNS (CoreDNS) ----------------
-        out = kubectl("exec", pods[0], "--", "/netcheck", "get", f"http://{ips[pods[1]]}:8080/")
-        assert f"hello from {pods[1]}" in out
-        out = kubectl("exec", pods[1], "--", "/netcheck", "get", f"http://{ips[pods[0]]}:8080/")
-        assert f"hello from {pods[0]}" in out
-        svc_ip = kubectl("get", "svc", "netcheck", "-o", "jsonpath={.spec.clusterIP}")
-        out = kubectl("exec", pods[0], "--", "/netcheck", "get", f"http://{svc_ip}/")
-        assert "hello from netcheck-" in out
-        out = kubectl("exec", pods[0], "--", "/netcheck", "lookup", "netcheck.default.svc.cluster.local")
-        assert svc_ip in out
-        out = kubectl("exec", pods[1], "--", "/netcheck", "lookup", "kubernetes.default")
-        assert raw["network"]["service_cidr"].rsplit(".", 1)[0] in out
-        log("pod-to-pod, pod-to-service and DNS work")
-
-        # --- anonymous requests are refused ---------------------------------------------------
-        master, worker = _nodes(raw)[0]["address"], next(n["address"] for n in _nodes(raw) if n["runs_workloads"])
-        code = in_ns("curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", f"{api}/api/v1/namespaces").stdout
-        assert code in ("401", "403"), f"apiserver answered {code} to an anonymous request"
-        code = in_ns("curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", f"https://{worker}:10250/pods").stdout
-        assert code == "401", f"kubelet answered {code} to an anonymous request"
-        etcd = in_ns("curl", "-sk", "--max-time", "10", f"https://{master}:2379/version", check=False)
-        assert etcd.returncode != 0 and "etcd" not in etcd.stdout, "etcd answered without a client certificate"
-        log("anonymous apiserver/kubelet/etcd refused")
+        verify_cluster(in_ns, kubeconfig, kubectl_bin, _nodes(raw), api, prerequisites, tmp_path, raw["network"]["service_cidr"])
 
         # --- no-op: preview and a second up change and upload nothing ------------------------
         t0 = time.monotonic()
@@ -280,6 +217,76 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         summary = {k: t.get(k) for k in ("passed", "nodes", "vm_boot_to_ssh_s", "up_total_s", "up_to_ready_s",
                                           "noop_preview_s", "noop_up_s", "noop_uploaded_bytes", "destroy_s")}
         print(f"\ne2e timings ({TOPOLOGY}): {json.dumps(summary)}  -> {TIMINGS.relative_to(REPO)}")
+
+
+def verify_cluster(in_ns, kubeconfig: Path, kubectl_bin: str, nodes_cfg: list[dict], api: str, pre: dict[str, Path],
+                   tmp: Path, service_cidr: str) -> None:
+    """Nodes Ready; a pod per worker from a local image; flannel, Service and DNS; anonymous refused."""
+
+    def kubectl(*args: str, check: bool = True, timeout: float = 120, input: str | None = None) -> str:
+        proc = in_ns(kubectl_bin, "--kubeconfig", str(kubeconfig), *args, check=False, timeout=timeout, input=input)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)}: {proc.stderr}{proc.stdout}")
+        return proc.stdout
+
+    # --- every node Ready, through the exported kubeconfig --------------------------------
+    nodes = json.loads(kubectl("get", "nodes", "-o", "json"))["items"]
+    workload = [n["name"] for n in nodes_cfg if n["runs_workloads"]]
+    assert sorted(n["metadata"]["name"] for n in nodes) == sorted(workload)
+    for n in nodes:
+        cond = {c["type"]: c["status"] for c in n["status"]["conditions"]}
+        assert cond["Ready"] == "True", n["metadata"]["name"]
+    log("nodes Ready: " + ", ".join(workload))
+
+    # --- a pod on each worker from a local image (no registry) ----------------------------
+    archive = netcheck_image(tmp)
+    key = str(pre["key"])
+    for n in nodes_cfg:
+        if not n["runs_workloads"]:
+            continue
+        host = f"kubelab@{n['address']}"
+        in_ns("scp", *SSH_OPTS, "-i", key, str(archive), f"{host}:/tmp/netcheck.tar", timeout=300)
+        in_ns("ssh", *SSH_OPTS, "-i", key, host, "sudo /usr/local/bin/ctr -n k8s.io images import /tmp/netcheck.tar", timeout=300)
+    pods = []
+    for i, node in enumerate(workload[:2] if len(workload) >= 2 else workload * 2):
+        pods.append(f"netcheck-{i}")
+        kubectl("apply", "-f", "-", input=yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"netcheck-{i}", "labels": {"app": "netcheck"}},
+            "spec": {"nodeName": node, "containers": [{
+                "name": "netcheck", "image": "kubelab.local/netcheck:e2e", "imagePullPolicy": "Never",
+                "args": ["serve"], "ports": [{"containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/", "port": 8080}}}]}}))
+    kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "netcheck"},
+        "spec": {"selector": {"app": "netcheck"}, "ports": [{"port": 80, "targetPort": 8080}]}}))
+    kubectl("wait", "--for=condition=Ready", "pod", "-l", "app=netcheck", "--timeout=600s", timeout=660)
+    ips = {p: kubectl("get", "pod", p, "-o", "jsonpath={.status.podIP}") for p in pods}
+    log(f"pods Ready: {ips}")
+
+    # --- pod to pod across nodes (flannel), pod to Service, DNS (CoreDNS) ----------------
+    out = kubectl("exec", pods[0], "--", "/netcheck", "get", f"http://{ips[pods[1]]}:8080/")
+    assert f"hello from {pods[1]}" in out
+    out = kubectl("exec", pods[1], "--", "/netcheck", "get", f"http://{ips[pods[0]]}:8080/")
+    assert f"hello from {pods[0]}" in out
+    svc_ip = kubectl("get", "svc", "netcheck", "-o", "jsonpath={.spec.clusterIP}")
+    out = kubectl("exec", pods[0], "--", "/netcheck", "get", f"http://{svc_ip}/")
+    assert "hello from netcheck-" in out
+    out = kubectl("exec", pods[0], "--", "/netcheck", "lookup", "netcheck.default.svc.cluster.local")
+    assert svc_ip in out
+    out = kubectl("exec", pods[1], "--", "/netcheck", "lookup", "kubernetes.default")
+    assert service_cidr.rsplit(".", 1)[0] in out
+    log("pod-to-pod, pod-to-service and DNS work")
+
+    # --- anonymous requests are refused ---------------------------------------------------
+    master, worker = nodes_cfg[0]["address"], next(n["address"] for n in nodes_cfg if n["runs_workloads"])
+    code = in_ns("curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", f"{api}/api/v1/namespaces").stdout
+    assert code in ("401", "403"), f"apiserver answered {code} to an anonymous request"
+    code = in_ns("curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", f"https://{worker}:10250/pods").stdout
+    assert code == "401", f"kubelet answered {code} to an anonymous request"
+    etcd = in_ns("curl", "-sk", "--max-time", "10", f"https://{master}:2379/version", check=False)
+    assert etcd.returncode != 0 and "etcd" not in etcd.stdout, "etcd answered without a client certificate"
+    log("anonymous apiserver/kubelet/etcd refused")
 
 
 def _nodes(raw: dict) -> list[dict]:

@@ -40,9 +40,9 @@ def shipped_files(g: Graph) -> dict[str, dict[str, str]]:
     """node -> {path: content} for every file any step writes (plain and secret)."""
     out: dict[str, dict[str, str]] = {}
     for r in g.find(CMD):
-        node = r.name.split("-")[0] + "-" + r.name.split("-")[1]
-        files = out.setdefault(node, {})
         script = unwrap(r.inputs["create"])
+        node = re.search(r"^KUBELAB_NODE=(\S+)$|wait until (\S+) has finished booting", script, re.M).group(1, 2)
+        files = out.setdefault(node[0] or node[1], {})
         for _mode, path, content in PUT.findall(script):
             files[path] = content
         if "stdin" in r.inputs:
