@@ -124,6 +124,8 @@ cat >"$MNT/etc/default/grub" <<'EOF'
 GRUB_DEFAULT=0
 GRUB_TIMEOUT=0
 GRUB_TIMEOUT_STYLE=hidden
+# After an unclean stop (virsh destroy before boot completed) Debian grub would wait 30 s.
+GRUB_RECORDFAIL_TIMEOUT=0
 GRUB_DISTRIBUTOR="Debian"
 GRUB_CMDLINE_LINUX_DEFAULT=""
 GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8"

@@ -34,7 +34,7 @@ GATEWAY = "10.240.0.1"
 ADDRESS = "10.240.0.10"
 MAC = "52:54:00:4b:4c:0a"
 USER = "kubelab"
-BUILD_PATTERN = "go build|/compile|/link"  # other CPU-heavy work on the host skews timings
+BUILD_PATTERN = "go build|go install|/compile|/link"  # other CPU-heavy work on the host skews timings
 VOLUME_SIZE_G = 10  # larger than the image: the root fs must grow to it
 
 NETWORK_XML = f"""<network>
@@ -221,6 +221,7 @@ def main() -> int:
             time.sleep(1)
         result["start_to_ssh_s"] = round(time.monotonic() - t0, 1)
         result["boot_polls_with_go_builds"] = builds_seen
+        result["host_loadavg_after_boot"] = Path("/proc/loadavg").read_text().split()[:3]
         log(f"SSH works after {result['start_to_ssh_s']} s ({builds_seen} polls saw Go builds running)")
 
         # The login user's PATH lacks /usr/sbin (sysctl, conntrack, iptables): check as root.
@@ -237,13 +238,19 @@ def main() -> int:
             "|| echo missing-$c; done; echo tools-checked; "
             "systemd-analyze | head -1; systemd-analyze blame | head -5"
         )
-        out = lab.run(
-            [*ssh_base, f"{USER}@{address}", "sudo -n bash -c " + shlex.quote(checks)],
-            check=False,
-            capture_output=True,
-            text=True,
-        )
+        for _ in range(5):  # right after the first login sshd/sudo may still be settling
+            out = lab.run(
+                [*ssh_base, f"{USER}@{address}", "sudo -n bash -c " + shlex.quote(checks)],
+                check=False,
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode == 0:
+                break
+            time.sleep(3)
         result["guest"] = out.stdout.splitlines()
+        if out.returncode != 0:
+            result["guest_stderr"] = out.stderr.splitlines()
         result["cloud_init_done_s"] = round(time.monotonic() - t0, 1)
         print(json.dumps(result, indent=2))
     finally:
