@@ -87,7 +87,8 @@ def uploaded_bytes(times: dict, bundle: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def prerequisites() -> dict[str, Path]:
-    toolchain_bin()
+    """The node bundle, the base image and the lab SSH key (the Pulumi toolchain is checked
+    by the tests that run pulumi)."""
     bundle = REAL_CACHE / "bundles" / bundle_key(load_versions()["node"])
     image = REAL_CACHE / "images" / "debian-trixie.qcow2"
     if not (bundle / "SHA256SUMS").exists():
@@ -132,6 +133,7 @@ def cluster_config(pre: dict[str, Path]) -> dict:
 def test_lab_cluster_end_to_end(tmp_path, prerequisites):
     from harness import Lab  # lab/harness.py
 
+    toolchain_bin()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
     t = Timings(passed=False, commit=commit, topology=TOPOLOGY)
     t.save()
