@@ -23,13 +23,14 @@ PEM_KEY = "-----BEGIN EC PRIVATE KEY-----\nMOCK\n-----END EC PRIVATE KEY-----\n"
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMOCK\n-----END CERTIFICATE-----\n"
 
 
-SECRET_SIG = "4dabf18193072939515e22adb298388d"
+SIG_KEY = "4dabf18193072939515e22adb298388d"
+SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 
 
 def unsecret(value):
     """Inputs as plain values (mock inputs keep secrets wrapped in their signature object)."""
     if isinstance(value, dict):
-        if SECRET_SIG in value:
+        if value.get(SIG_KEY) == SECRET_SIG:
             return unsecret(value.get("value"))
         return {k: unsecret(v) for k, v in value.items()}
     if isinstance(value, list):
