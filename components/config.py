@@ -81,6 +81,7 @@ class NetworkConfig:
     flannel_backend: str
     etcd_prefix: str
     access_cidrs: tuple[str, ...]  # networks the deploy host uses to reach the nodes
+    upstream_dns: tuple[str, ...]  # resolvers CoreDNS forwards to (empty: each node's own)
 
     @property
     def kubernetes_service_ip(self) -> str:
@@ -304,7 +305,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
     # --- network ----------------------------------------------------------------------------
     net_raw = r.section(raw, "network", "cluster")
     r.unknown(net_raw, {"node_cidr", "pod_cidr", "service_cidr", "cluster_dns", "cluster_domain",
-                        "flannel_backend", "etcd_prefix", "access_cidrs"}, "network")
+                        "flannel_backend", "etcd_prefix", "access_cidrs", "upstream_dns"}, "network")
     node_cidr = r.get(net_raw, "node_cidr", "network", str, "10.240.0.0/24")
     pod_cidr = r.get(net_raw, "pod_cidr", "network", str, "10.200.0.0/16")
     service_cidr = r.get(net_raw, "service_cidr", "network", str, "10.32.0.0/24")
@@ -369,6 +370,21 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
                     f"hosts through; the overlay would capture that route and lock you out of SSH "
                     f"(seed 001). Pick a {key.split('.')[1].replace('_cidr', '')} range that does not overlap {parsed}"
                 )
+
+    upstream_raw = net_raw.get("upstream_dns", [])
+    upstream: list[str] = []
+    if not isinstance(upstream_raw, list):
+        problems.append("network.upstream_dns: must be a list of resolver IP addresses, e.g. [10.240.0.1]")
+        upstream_raw = []
+    for i, ip in enumerate(upstream_raw):
+        try:
+            parsed_ip = ipaddress.ip_address(str(ip))
+        except ValueError:
+            problems.append(f"network.upstream_dns[{i}]: {ip!r} is not an IP address")
+            continue
+        if parsed_ip.is_loopback:
+            problems.append(f"network.upstream_dns[{i}]: {ip} is a loopback address; CoreDNS would forward to itself (use the node network's resolver)")
+        upstream.append(str(parsed_ip))
 
     # --- roles and nodes --------------------------------------------------------------------
     masters_run_workloads = r.get(raw, "masters_run_workloads", "cluster", bool, False)
@@ -538,7 +554,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
         network=NetworkConfig(
             node_cidr=node_cidr, pod_cidr=pod_cidr, service_cidr=service_cidr, cluster_dns=cluster_dns,
             cluster_domain=cluster_domain, flannel_backend=backend, etcd_prefix=etcd_prefix,
-            access_cidrs=tuple(access),
+            access_cidrs=tuple(access), upstream_dns=tuple(upstream),
         ),
         ssh=ssh, binaries=binaries, registry_mirrors=mirrors, addons=addons,
         libvirt=libvirt_cfg, digitalocean=do_cfg,

@@ -72,7 +72,8 @@ class WorkerNode(pulumi.ComponentResource):
                    File("/var/lib/kubelet/pki/kubelet.crt", pki.kubelet_serving[node.name].cert)],
             secret_files=[SecretFile("/var/lib/kubelet/pki/kubelet.key", pki.kubelet_serving[node.name].key),
                           SecretFile("/var/lib/kubelet/kubeconfig", kubelet_kc)],
-            remove=["/etc/kubernetes/resolv.conf", "/var/lib/kubelet"],
+            context={"upstream_dns": list(net.upstream_dns)},
+            remove=["/etc/kubernetes/resolv.conf", "/etc/kubernetes/resolv.conf.kubelab", "/var/lib/kubelet"],
         ), parent=self, depends_on=[*ready, self.containerd, flanneld])
 
         # 3. kube-proxy (iptables mode).

@@ -66,7 +66,8 @@ users:
         (d / "meta-data").write_text(f"instance-id: {vm.name}\nlocal-hostname: {vm.name}\n")
         (d / "network-config").write_text(
             f"version: 2\nethernets:\n  nic0:\n    match: {{macaddress: '{vm.mac}'}}\n"
-            f"    addresses: [{vm.address}/24]\n    routes: [{{to: 0.0.0.0/0, via: {gateway}}}]\n")
+            f"    addresses: [{vm.address}/24]\n    routes: [{{to: 0.0.0.0/0, via: {gateway}}}]\n"
+            f"    nameservers: {{addresses: [{gateway}]}}\n")
         subprocess.run(["genisoimage", "-quiet", "-output", str(dest), "-volid", "cidata", "-joliet", "-rock",
                         str(d / "user-data"), str(d / "meta-data"), str(d / "network-config")], check=True)
     return dest

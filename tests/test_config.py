@@ -169,3 +169,11 @@ def test_committed_dev_stack_is_valid(cache):
     assert cfg.ssh.private_key_file == str(cache / "ssh/id_ed25519")
     assert cfg.libvirt.image == str(cache / "images/debian-trixie.qcow2")
     assert cfg.network.etcd_prefix == "/kube/network"  # seed 001's custom prefix
+
+
+def test_upstream_dns_must_be_real_resolvers(config_for):
+    raw = config_for()
+    raw["network"] = {"upstream_dns": ["127.0.0.53", "dns.example"]}
+    message = refused(raw)
+    assert "network.upstream_dns[0]: 127.0.0.53 is a loopback address" in message
+    assert "network.upstream_dns[1]: 'dns.example' is not an IP address" in message
