@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.versions import bundle_key, load_versions
+from components.versions import bundle_key, cache_root, load_versions
 
 PLATFORMS = ("libvirt", "digitalocean", "static")
 FLANNEL_BACKENDS = ("vxlan", "host-gw", "wireguard")
@@ -157,11 +157,7 @@ class ClusterConfig:
         return tuple(n for n in self.nodes if n.runs_workloads)
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("KUBELAB_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubelab"
+default_cache_dir = cache_root
 
 
 class _Reader:

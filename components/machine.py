@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import pulumi
+import pulumi_tls as tls
 from pulumi_command import remote
 
 from components.config import ClusterConfig, NodeSpec
+from components.render import render
 
 
 @dataclass
@@ -62,3 +64,16 @@ class Platform(Protocol):
     """A platform module's ``create_machines``: one machine per configured node."""
 
     def __call__(self, cfg: ClusterConfig, parent: pulumi.Resource) -> Fleet: ...
+
+
+def host_key_user_data(node: str, parent: pulumi.Resource, template: str, **context: object) -> tuple[pulumi.Output[str], pulumi.Output[str]]:
+    """An SSH host key generated in state, rendered into ``template`` (cloud-init user data).
+
+    Returns ``(public key to pin, user data)``; the user data carries the private key and is a
+    secret. The key lives in state, so the user data is stable across runs (a change would
+    replace the machine).
+    """
+    key = tls.PrivateKey(f"{node}-ssh-host-key", algorithm="ED25519", opts=pulumi.ResourceOptions(parent=parent))
+    user_data = pulumi.Output.all(key.private_key_openssh, key.public_key_openssh).apply(
+        lambda k: render(template, host_private_key=k[0].strip(), host_public_key=k[1].strip(), **context))
+    return key.public_key_openssh.apply(str.strip), pulumi.Output.secret(user_data)

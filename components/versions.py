@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -28,3 +29,12 @@ def bundle_key(node_versions: dict[str, str]) -> str:
     """
     canon = json.dumps(dict(sorted(node_versions.items())), separators=(",", ":"))
     return "node-" + hashlib.sha256(canon.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    """``$KUBELAB_CACHE``, default ``${XDG_CACHE_HOME:-$HOME/.cache}/kubelab``: everything built
+    or downloaded (toolchain, bundles, images, lab pool) lives here, outside the work tree."""
+    env = os.environ.get("KUBELAB_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubelab"

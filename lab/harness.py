@@ -37,6 +37,10 @@ from types import TracebackType
 from typing import Any, Self
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from components.versions import cache_root  # noqa: E402 - one definition of the cache dir
+
 DEFAULT_NETNS = "kubelab"
 DEFAULT_POOL = "kubelab"
 URI = "qemu:///system"
@@ -69,12 +73,6 @@ def log(msg: str) -> None:
     print(f"[lab] {msg}", file=sys.stderr, flush=True)
 
 
-def cache_root() -> Path:
-    env = os.environ.get("KUBELAB_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "kubelab"
 
 
 # --------------------------------------------------------------------------- processes

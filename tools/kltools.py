@@ -8,7 +8,6 @@ with a ``.done`` stamp, so an interrupted build resumes and a cached one is skip
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from components.binaries import sha256_file  # noqa: E402,F401 - re-exported for the build scripts
+from components.versions import cache_root  # noqa: E402 - re-exported for the build scripts
+
 VERSIONS_FILE = REPO / "versions.toml"
 
 
@@ -29,12 +34,6 @@ def versions() -> dict:
         return tomllib.load(fh)
 
 
-def cache_root() -> Path:
-    env = os.environ.get("KUBELAB_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "kubelab"
 
 
 def log(msg: str) -> None:
@@ -52,12 +51,6 @@ def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = No
     return proc.stdout
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cached(key: str, build: Callable[[Path], None], timings: dict[str, float] | None = None) -> Path:

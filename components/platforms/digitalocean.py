@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import pulumi
 import pulumi_digitalocean as do
-import pulumi_tls as tls
 
 from components.config import ClusterConfig, NodeSpec
-from components.machine import Fleet, Machine
-from components.render import render
+from components.machine import Fleet, Machine, host_key_user_data
 
 NODEPORTS = "30000-32767"
 
@@ -90,11 +88,8 @@ class DigitalOceanCluster(pulumi.ComponentResource):
         d = cfg.digitalocean
         assert d is not None
         role = cfg.masters if node.role == "master" else cfg.workers
-        host_key = tls.PrivateKey(f"{node.name}-ssh-host-key", algorithm="ED25519",
-                                  opts=pulumi.ResourceOptions(parent=self))
-        user_data = pulumi.Output.secret(pulumi.Output.all(host_key.private_key_openssh, host_key.public_key_openssh).apply(
-            lambda k: render("cloud-init/droplet-user-data.yaml.j2", cluster=cfg.name, name=node.name, role=node.role,
-                             host_private_key=k[0].strip(), host_public_key=k[1].strip())))
+        host_key, user_data = host_key_user_data(
+            node.name, self, "cloud-init/droplet-user-data.yaml.j2", cluster=cfg.name, name=node.name, role=node.role)
         droplet = do.Droplet(
             node.name,
             name=f"{cfg.name}-{node.name}",
@@ -114,7 +109,7 @@ class DigitalOceanCluster(pulumi.ComponentResource):
             private_address=droplet.ipv4_address_private,
             user=cfg.ssh.user,
             private_key=cfg.ssh.private_key(),
-            host_key=host_key.public_key_openssh.apply(str.strip),
+            host_key=host_key,
             depends_on=[droplet],
         )
         return droplet, machine

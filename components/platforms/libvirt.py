@@ -12,10 +12,9 @@ import ipaddress
 
 import pulumi
 import pulumi_libvirt as libvirt
-import pulumi_tls as tls
 
 from components.config import ClusterConfig, NodeSpec
-from components.machine import Fleet, Machine
+from components.machine import Fleet, Machine, host_key_user_data
 from components.render import render
 
 GIB = 1024**3
@@ -69,13 +68,10 @@ class LibvirtLab(pulumi.ComponentResource):
         assert lv is not None and node.address is not None
         role = cfg.masters if node.role == "master" else cfg.workers
         full = f"{cfg.name}-{node.name}"
-        host_key = tls.PrivateKey(f"{node.name}-ssh-host-key", algorithm="ED25519",
-                                  opts=pulumi.ResourceOptions(parent=self))
         mac = mac_address(cfg.name, node.name)
-        user_data = pulumi.Output.secret(pulumi.Output.all(host_key.private_key_openssh, host_key.public_key_openssh).apply(
-            lambda k: render("cloud-init/user-data.yaml.j2", cluster=cfg.name, name=node.name, role=node.role,
-                             user=cfg.ssh.user, authorized_key=cfg.ssh.public_key,
-                             host_private_key=k[0].strip(), host_public_key=k[1].strip())))
+        host_key, user_data = host_key_user_data(
+            node.name, self, "cloud-init/user-data.yaml.j2", cluster=cfg.name, name=node.name, role=node.role,
+            user=cfg.ssh.user, authorized_key=cfg.ssh.public_key)
         cloudinit = libvirt.CloudInitDisk(
             f"{node.name}-cloudinit",
             name=f"{full}-cloudinit.iso",
@@ -114,7 +110,7 @@ class LibvirtLab(pulumi.ComponentResource):
             private_address=node.address,
             user=cfg.ssh.user,
             private_key=cfg.ssh.private_key(),
-            host_key=host_key.public_key_openssh.apply(str.strip),
+            host_key=host_key,
             depends_on=[domain],
         )
 
