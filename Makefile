@@ -19,7 +19,7 @@ export PULUMI_PYTHON_CMD ?= $(CURDIR)/$(VENV)/bin/python
 LAB := $(PYTHON) lab/harness.py
 IN_LAB := ip netns exec kubelab
 
-.PHONY: help venv test lint test-deps tools lab-deps image engine e2e lab-stack up down kubectl preview
+.PHONY: help venv test lint test-deps build-deps tools bundle lab-deps image engine e2e lab-stack up down kubectl preview
 
 help:
 	@echo "make up       build everything needed and bring up the '$(STACK)' stack (1 master + 2 workers on libvirt)"
@@ -44,10 +44,17 @@ lint: venv
 test: venv test-deps lint
 	$(VENV)/bin/pytest
 
-tools: venv
+build-deps:
 	@missing=$$(for p in $$(cat tools/apt-build.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	  if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+
+# Everything: Pulumi CLI, language host, providers, node bundle (exits non-zero naming what is missing).
+tools: venv build-deps
 	$(PYTHON) tools/toolchain.py all
+
+# The node bundle alone (all the replay e2e needs besides the image).
+bundle: venv build-deps
+	$(PYTHON) tools/toolchain.py bundle
 
 lab-deps:
 	@missing=$$(for p in $$(cat tools/apt-lab.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -57,10 +64,11 @@ image: lab-deps
 	@img=$$(bash lab/build_image.sh | tail -n 1); ln -sfn "$$img" "$(KUBELAB_CACHE)/images/debian-trixie.qcow2"; \
 	  echo "base image: $(KUBELAB_CACHE)/images/debian-trixie.qcow2 -> $$img"
 
-engine: tools lab-deps test-deps
+# Slow tiers; each test skips with a loud reason when a toolchain part it needs is missing.
+engine: venv lab-deps test-deps
 	$(VENV)/bin/pytest -m engine
 
-e2e: tools image
+e2e: venv bundle image
 	$(VENV)/bin/pytest -m e2e -s
 
 # Lab stack set-up shared by up/down/preview: SSH key, passphrase, file backend, stack.

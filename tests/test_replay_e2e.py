@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO / "lab"))
 
 NETWORK = "kubelab-replay"
 GATEWAY = "10.243.0.1"
+UNITS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "flanneld", "containerd", "kubelet", "kube-proxy")
 VMS = [PlainVm("svr001", "10.243.0.11"), PlainVm("svr002", "10.243.0.12"), PlainVm("svr003", "10.243.0.13")]
 
 
@@ -95,9 +96,11 @@ def test_bootstrap_replay_on_real_vms(tmp_path, prerequisites, monkeypatch):  # 
         t["destroy_s"] = round(time.monotonic() - t0, 1)
         for vm in VMS:
             assert running(vm), f"{vm.name} must keep running"
-            active = ssh(vm, "systemctl is-active etcd kube-apiserver kubelet containerd flanneld kube-proxy || true").split()
+            active = ssh(vm, "systemctl is-active " + " ".join(UNITS) + " || true").split()
             assert set(active) <= {"inactive", "unknown"}, f"{vm.name}: {active}"
-            left = ssh(vm, "sudo ls -A /usr/local/bin /opt/cni /var/lib/kubelab /var/lib/etcd /var/lib/kubelet 2>/dev/null || true")
+            left = ssh(vm, "sudo find /usr/local/bin /opt/cni /var/lib/kubelab /var/lib/etcd /var/lib/kubelet /etc/kubernetes "
+                           "/etc/etcd /etc/flannel /etc/containerd -mindepth 1 2>/dev/null; for u in " + " ".join(UNITS) +
+                           "; do test -e /etc/systemd/system/$u.service && echo $u.service; done; true")
             assert left.split() == [], f"{vm.name} still has: {left}"
         t["passed"] = True
         log("replay passed: cluster worked, re-run was clean, teardown removed everything")
