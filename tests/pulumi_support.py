@@ -38,7 +38,7 @@ def toolchain_bin(providers: bool = True) -> Path:
     missing = [t for t in wanted if not (bindir / t).exists() and not shutil.which(t)]
     if missing:
         pytest.skip(f"TOOLCHAIN CACHE INCOMPLETE ({bindir}): missing {', '.join(missing)}; run `make tools` "
-                    f"(see tools/README.md: the Go module proxy here refuses the provider modules)")
+                    f"(README.md, section Toolchain: the Go module proxy here refuses the provider modules)")
     return bindir
 
 
