@@ -53,7 +53,7 @@ class WorkerNode(pulumi.ComponentResource):
                    *registry_files(cfg)],
             remove=["/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/cni", "/var/lib/cni"],
             # containerd's KillMode=process leaves shims and containers running: stop them too.
-            cleanup=["pkill -f containerd-shim-runc-v2", "ip link delete cni0"],
+            cleanup=["pkill -f '^/usr/local/bin/containerd-shim-runc-v2 '", "ip link delete cni0"],
         ), parent=self, depends_on=ready)
 
         # 2. kubelet: node client certificate (Node authorizer) and serving certificate.

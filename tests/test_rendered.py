@@ -225,3 +225,16 @@ def test_remote_scripts_are_valid_bash_and_fail_loudly(lab_files):
         if r.inputs.get("delete"):
             proc = subprocess.run(["bash", "-n"], input=unwrap(r.inputs["delete"]), capture_output=True, text=True, check=False)
             assert proc.returncode == 0, f"{r.name} delete: {proc.stderr}"
+
+
+def test_teardown_never_kills_its_own_shell(module_cache):
+    """``pkill -f`` matches full command lines, the teardown script's own included: every
+    pattern must be anchored to the binary's path (found when a replayed teardown killed itself)."""
+    g = run_program(base_config(module_cache, "static"))
+    pkills = [(r.name, line) for r in g.find(CMD) for line in unwrap(r.inputs.get("delete") or "").splitlines()
+              if "pkill -f" in line]
+    assert pkills, "the static teardown stops leftover containerd shims"
+    for name, line in pkills:
+        assert re.search(r"pkill -f '\^/", line), f"{name}: unanchored {line!r}"
+        script = subprocess.run(["bash", "-n"], input=line, capture_output=True, text=True, check=False)
+        assert script.returncode == 0, script.stderr
