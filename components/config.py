@@ -157,9 +157,6 @@ class ClusterConfig:
         return tuple(n for n in self.nodes if n.runs_workloads)
 
 
-default_cache_dir = cache_root
-
-
 class _Reader:
     """Reads a nested dict, recording problems instead of raising at the first one."""
 
@@ -237,7 +234,7 @@ def _parse_version(name: str, value: Any, problems: list[str]) -> str | None:
 
 def _path(value: str) -> str:
     """Expand ``~`` and ``${VARS}`` (``${KUBELAB_CACHE}`` defaults to the cache directory)."""
-    env = {**os.environ, "KUBELAB_CACHE": str(default_cache_dir())}
+    env = {**os.environ, "KUBELAB_CACHE": str(cache_root())}
     return os.path.expanduser(re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), m.group(0)), value))
 
 
@@ -503,7 +500,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
     source = r.get(bin_raw, "source", "binaries", str, "directory")
     if source not in BINARY_SOURCES:
         problems.append(f"binaries.source: unknown source {source!r}; choose download (official release URLs) or directory (a pre-staged bundle)")
-    default_path = default_cache_dir() / ("bundles/" + bundle_key(versions) if source == "directory" else "downloads")
+    default_path = cache_root() / ("bundles/" + bundle_key(versions) if source == "directory" else "downloads")
     path = _path(str(bin_raw.get("path") or default_path))
     sha = bin_raw.get("sha256") or {}
     if not isinstance(sha, dict) or not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sha.values()):

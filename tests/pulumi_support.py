@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import default_cache_dir
+from components.versions import cache_root
 
 REPO = Path(__file__).resolve().parent.parent
 # The developer's real cache, read before any test fixture points KUBELAB_CACHE elsewhere.
-REAL_CACHE = default_cache_dir()
+REAL_CACHE = cache_root()
 CLI = ("pulumi", "pulumi-language-python")
 PROVIDERS = ("pulumi-resource-command", "pulumi-resource-tls", "pulumi-resource-libvirt", "pulumi-resource-digitalocean")
 PROJECT_FILES = ("Pulumi.yaml", "__main__.py", "versions.toml", "components", "templates")

@@ -49,9 +49,8 @@ def uploads_of(g: Graph, node: str) -> set[str]:
 
 
 def control_plane_ready(g: Graph) -> list[Registration]:
-    return [r for r in g.find(CMD) if r.name.split("-", 2)[-1] in {
-        "flannel-network-config", "rbac-apiserver-to-kubelet", "kube-controller-manager", "kube-scheduler"}
-        or r.name.endswith(("-kube-controller-manager", "-kube-scheduler", "-rbac-apiserver-to-kubelet", "-flannel-network-config"))]
+    return [r for r in g.find(CMD)
+            if r.name.endswith(("-kube-controller-manager", "-kube-scheduler", "-rbac-apiserver-to-kubelet", "-flannel-network-config"))]
 
 
 def test_per_role_resource_sets_1_master_2_workers(lab):
