@@ -8,10 +8,11 @@ PYTHON ?= python3
 VENV := .venv
 STACK ?= dev
 export KUBELAB_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kubelab
-# The offline-built Pulumi CLI and providers (make tools); a pulumi already on PATH wins.
+# The offline-built Pulumi CLI (make tools); a pulumi already on PATH wins. Provider plugins
+# are Pulumi's to acquire (downloaded online; a plugin mirror via KUBELAB_PLUGIN_DIR offline),
+# so automatic plugin acquisition stays on here; the tests turn it off for their own runs.
 export PATH := $(PATH):$(KUBELAB_CACHE)/bin
 export PULUMI_SKIP_UPDATE_CHECK := true
-export PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION := true
 export PULUMI_BACKEND_URL ?= file://$(KUBELAB_CACHE)/state
 export PULUMI_CONFIG_PASSPHRASE_FILE ?= $(KUBELAB_CACHE)/passphrase
 # The offline-built language host predates runtime.options.virtualenv: point it at the venv.
@@ -25,7 +26,8 @@ help:
 	@echo "make up       build everything needed and bring up the '$(STACK)' stack (1 master + 2 workers on libvirt)"
 	@echo "make kubectl ARGS='get nodes'   kubectl against it;  make down   destroy it"
 	@echo "make test     fast tests (config, resource graph, rendered files);  make engine / make e2e   slow tiers"
-	@echo "make tools    offline toolchain (Pulumi, providers, node bundle) into $(KUBELAB_CACHE)"
+	@echo "make tools    offline toolchain (Pulumi CLI, language host, node bundle) into $(KUBELAB_CACHE);"
+	@echo "              ends by listing the provider plugins Pulumi can and cannot find"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +50,8 @@ build-deps:
 	@missing=$$(for p in $$(cat tools/apt-build.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	  if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
-# Everything: Pulumi CLI, language host, providers, node bundle (exits non-zero naming what is missing).
+# Everything kubelab builds: Pulumi CLI, language host, node bundle. Ends with the provider
+# plugins Pulumi can and cannot find (KUBELAB_PLUGIN_DIR=mirror installs missing ones).
 tools: venv build-deps
 	$(PYTHON) tools/toolchain.py all
 

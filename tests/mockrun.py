@@ -23,40 +23,17 @@ PEM_KEY = "-----BEGIN EC PRIVATE KEY-----\nMOCK\n-----END EC PRIVATE KEY-----\n"
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMOCK\n-----END CERTIFICATE-----\n"
 
 
-SIG_KEY = "4dabf18193072939515e22adb298388d"
-SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
-
-
-def unsecret(value):
-    """Inputs as plain values (mock inputs keep secrets wrapped in their signature object)."""
-    if isinstance(value, dict):
-        if value.get(SIG_KEY) == SECRET_SIG:
-            return unsecret(value.get("value"))
-        return {k: unsecret(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [unsecret(v) for v in value]
-    return value
-
-
 class KubelabMocks(pulumi.runtime.Mocks):
-    """Outputs the providers would compute (keys, certificates, droplet addresses).
+    """Outputs the providers would compute (keys, certificates, droplet addresses)."""
 
-    ``real_pki`` computes real keys and certificates (tests/realpki.py) instead of stand-ins.
-    """
-
-    def __init__(self, real_pki: bool = False) -> None:
+    def __init__(self) -> None:
         self.count = 0
-        self.real_pki = real_pki
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         self.count += 1
         state = dict(args.inputs)
         t = args.typ
-        if self.real_pki and t.startswith("tls:"):
-            from tests.realpki import BY_TYPE
-
-            state.update(BY_TYPE[t](unsecret(args.inputs)))
-        elif t == "tls:index/privateKey:PrivateKey":
+        if t == "tls:index/privateKey:PrivateKey":
             state.update(privateKeyPem=PEM_KEY, publicKeyPem="-----BEGIN PUBLIC KEY-----\nMOCK\n-----END PUBLIC KEY-----\n",
                          privateKeyOpenssh="-----BEGIN OPENSSH PRIVATE KEY-----\nMOCK\n-----END OPENSSH PRIVATE KEY-----\n",
                          publicKeyOpenssh=f"ssh-ed25519 AAAAMOCK{args.name}\n")
@@ -160,9 +137,9 @@ class Graph:
         return earlier.urn in self.ancestors(later)
 
 
-def run_program(raw_config: dict, stack: str = "test", real_pki: bool = False) -> Graph:
+def run_program(raw_config: dict, stack: str = "test") -> Graph:
     """Run ``__main__.py`` with ``raw_config`` as ``kubelab:cluster`` under recording mocks."""
-    mocks = KubelabMocks(real_pki)
+    mocks = KubelabMocks()
     monitor = RecordingMonitor(mocks)
     pulumi.runtime.set_mocks(mocks, project="kubelab", stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config({"kubelab:cluster": json.dumps(raw_config)})

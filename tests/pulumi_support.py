@@ -2,8 +2,10 @@
 
 The project is copied into a temporary directory (sharing the repo's virtualenv), with a file
 backend, a test passphrase and an isolated ``PULUMI_HOME``, so a test never touches the
-developer's stacks. Plugins are the offline-built binaries under ``$KUBELAB_CACHE/bin``,
-found on ``PATH`` ("ambient" plugins); nothing is downloaded.
+developer's stacks. The CLI is the offline-built one under ``$KUBELAB_CACHE/bin`` (or a
+``pulumi`` on PATH). Provider plugins are found the way Pulumi finds them (``tools/plugins.py``:
+on PATH, or in the developer's plugin cache, which is linked into the isolated home); automatic
+plugin acquisition is off, so a test never downloads.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,25 +23,33 @@ import yaml
 from components.versions import cache_root
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO / "tools") not in sys.path:
+    sys.path.insert(0, str(REPO / "tools"))
+import plugins  # noqa: E402 - tools/plugins.py: where Pulumi finds provider plugins
+
 # The developer's real cache, read before any test fixture points KUBELAB_CACHE elsewhere.
 REAL_CACHE = cache_root()
 CLI = ("pulumi", "pulumi-language-python")
-PROVIDERS = ("pulumi-resource-command", "pulumi-resource-tls", "pulumi-resource-libvirt", "pulumi-resource-digitalocean")
+# The developer's plugin cache, read before a Project points PULUMI_HOME at a temporary home.
+REAL_PULUMI_HOME = plugins.pulumi_home()
 PROJECT_FILES = ("Pulumi.yaml", "__main__.py", "versions.toml", "components", "templates")
 
 
 def toolchain_bin(providers: bool = True) -> Path:
-    """The toolchain's bin dir, or skip the test loudly naming what is missing.
+    """The toolchain's bin dir, or skip the test with one loud line naming what is missing.
 
     ``providers=False`` for tests that never register a provider resource (a config refused
     at preview time needs only the CLI and the language host).
     """
     bindir = REAL_CACHE / "bin"
-    wanted = CLI + (PROVIDERS if providers else ())
-    missing = [t for t in wanted if not (bindir / t).exists() and not shutil.which(t)]
+    missing = [t for t in CLI if not (bindir / t).exists() and not shutil.which(t)]
     if missing:
-        pytest.skip(f"TOOLCHAIN CACHE INCOMPLETE ({bindir}): missing {', '.join(missing)}; run `make tools` "
-                    f"(README.md, section Toolchain: the Go module proxy here refuses the provider modules)")
+        pytest.skip(f"PULUMI CLI MISSING ({bindir}): {', '.join(missing)}; run `make tools`")
+    if providers:
+        absent = [f"{f.name} {f.version}" for f in plugins.find_all(REAL_PULUMI_HOME) if f.path is None]
+        if absent:
+            pytest.skip(f"PROVIDER PLUGINS MISSING: {', '.join(absent)} (neither on PATH nor in "
+                        f"{REAL_PULUMI_HOME / 'plugins'}); see {plugins.README_SECTION}")
     return bindir
 
 
@@ -62,6 +73,7 @@ class Project:
         bindir = toolchain_bin(providers)
         (tmp / "state").mkdir()
         (tmp / "home").mkdir()
+        plugins.link_cache(plugins.find_all(REAL_PULUMI_HOME), tmp / "home")
         self.env = {
             **os.environ,
             "PATH": f"{bindir}:{REPO / '.venv/bin'}:{os.environ['PATH']}",
@@ -93,6 +105,19 @@ class Project:
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
         return proc
+
+    def run_logged(self, events: Path, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+        """``run`` with the engine's event stream written to ``events`` (JSON lines).
+
+        ``--event-log`` is how the Automation API reads a run's per-resource events; the CLI
+        registers the flag only with ``PULUMI_DEBUG_COMMANDS=true``, as the Automation API sets.
+        """
+        saved = self.env
+        self.env = {**saved, "PULUMI_DEBUG_COMMANDS": "true"}
+        try:
+            return self.run(*args, "--event-log", str(events), **kwargs)
+        finally:
+            self.env = saved
 
     def preview_json(self, *args: str, check: bool = True) -> tuple[dict, subprocess.CompletedProcess[str]]:
         proc = self.run("preview", "--json", *args, check=check)

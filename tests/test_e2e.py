@@ -51,13 +51,14 @@ class Timings(dict):
 
 
 def events(path: Path) -> list[dict]:
+    """The engine's own event stream of one run (``--event-log``, see ``Project.run_logged``)."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def resource_times(evs: list[dict]) -> dict[str, tuple[float, float, str, str]]:
-    """name -> (start, done, op, type) from an engine event log."""
+    """name -> (start, done, op, type) of every custom resource, from an engine event log."""
     start: dict[str, float] = {}
     out: dict[str, tuple[float, float, str, str]] = {}
     for e in evs:
@@ -67,10 +68,17 @@ def resource_times(evs: list[dict]) -> dict[str, tuple[float, float, str, str]]:
         elif "resOutputsEvent" in e:
             md = e["resOutputsEvent"]["metadata"]
             urn = md["urn"]
-            if md["type"].startswith("kubelab:"):  # components share names with their VMs
-                continue
+            if md["type"].startswith("kubelab:") or md["type"].startswith("pulumi:"):
+                continue  # components share names with their VMs; the stack and providers
             out[urn.rsplit("::", 1)[1]] = (start.get(urn, e["timestamp"]), e["timestamp"], md["op"], md["type"])
     return out
+
+
+def slowest(times: dict[str, tuple[float, float, str, str]], t0: float, n: int = 20) -> list[dict]:
+    """The ``n`` longest resources of a run, with start/end relative to the run's first event."""
+    rows = sorted(times.items(), key=lambda kv: kv[1][1] - kv[1][0], reverse=True)[:n]
+    return [{"name": k, "type": v[3], "op": v[2], "start_s": round(v[0] - t0, 1), "end_s": round(v[1] - t0, 1),
+             "duration_s": round(v[1] - v[0], 1)} for k, v in rows]
 
 
 def uploaded_bytes(times: dict, bundle: Path) -> dict[str, int]:
@@ -83,6 +91,18 @@ def uploaded_bytes(times: dict, bundle: Path) -> dict[str, int]:
         folder, file = rel.split("-", 1)
         per[node] = per.get(node, 0) + (bundle / folder / file).stat().st_size
     return per
+
+
+def first_event(evs: list[dict]) -> float:
+    return min((e["timestamp"] for e in evs if "timestamp" in e), default=0)
+
+
+def leftovers(lab, name: str) -> list[str]:
+    """Domains, networks, volumes and pool files of the cluster that still exist."""
+    found = [line for cmd in (["list", "--all", "--name"], ["net-list", "--all", "--name"], ["vol-list", lab.pool])
+             for line in lab.virsh(*cmd, check=False).stdout.splitlines() if name in line]
+    found += [str(p) for p in Path(lab.pool_dir).glob(f"{name}*")]
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +160,7 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
     lab = Lab(state_file=tmp_path / "lab-state.json")
     lab.up()
     raw = cluster_config(prerequisites)
+    nodes_cfg = _nodes(raw)
     project = Project(tmp_path, "e2e", raw, prefix=lab.exec_prefix())
     bundle = prerequisites["bundle"]
     kubectl_bin = str(bundle / "bin/kubectl")
@@ -148,48 +169,62 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
     def in_ns(*cmd: str, check: bool = True, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*lab.exec_prefix(), *cmd], capture_output=True, text=True, check=check, timeout=timeout, input=input)
 
+    def up(label: str, timeout: float = 3600) -> tuple[float, dict]:
+        """A timed ``pulumi up`` with the engine's event log; its per-resource times."""
+        ev = tmp_path / f"{label}.events.jsonl"
+        t0 = time.monotonic()
+        proc = project.run_logged(ev, "up", "--yes", "--skip-preview", check=False, timeout=timeout)
+        took = round(time.monotonic() - t0, 1)
+        evs = events(ev)
+        times = resource_times(evs)
+        if proc.returncode != 0:
+            t[f"{label}_failed_s"] = took
+            t.save()
+            raise AssertionError(f"pulumi up ({label}) failed after {took} s:\n{proc.stdout[-12000:]}\n{proc.stderr[-4000:]}")
+        return took, {"times": times, "t0": first_event(evs)}
+
+    def fetch_kubeconfig() -> Path:
+        kc = tmp_path / "kubeconfig"
+        kc.write_text(project.run("stack", "output", "kubeconfig", "--show-secrets", "--stack", "e2e").stdout)
+        return kc
+
     try:
         # --- pulumi up from an empty stack --------------------------------------------------
         log("pulumi up (from an empty stack)")
-        ev1 = tmp_path / "up1.events.jsonl"
-        t0 = time.monotonic()
-        proc = project.run("up", "--yes", "--skip-preview", "--event-log", str(ev1), check=False, timeout=3600)
-        t["up_total_s"] = round(time.monotonic() - t0, 1)
-        times = resource_times(events(ev1))
-        up_start = min((s for s, _, _, _ in times.values()), default=0)
-        boots = [times[f"{n}-wait-for-ssh"][1] - times[n][0] for n in [x["name"] for x in _nodes(raw)]
-                 if f"{n}-wait-for-ssh" in times and n in times]
+        t["up_total_s"], run1 = up("up1")
+        times, up_start = run1["times"], run1["t0"]
+        boots = [times[f"{n['name']}-wait-for-ssh"][1] - times[n["name"]][0] for n in nodes_cfg
+                 if f"{n['name']}-wait-for-ssh" in times and n["name"] in times]
         if boots:
             t["vm_boot_to_ssh_s"] = round(max(boots), 1)
         ready = [v for k, v in times.items() if k.endswith("-cluster-ready")]
-        if ready:
-            t["up_to_ready_s"] = round(ready[0][1] - up_start, 1)
+        assert ready, "no cluster-ready step in the engine's events"
+        t["up_to_ready_s"] = round(ready[0][1] - up_start, 1)
         t["uploaded_bytes_per_node"] = uploaded_bytes(times, bundle)
-        t["nodes"] = len(_nodes(raw))
+        t["slowest_resources"] = slowest(times, up_start)
+        t["resources"] = len(times)
+        t["nodes"] = len(nodes_cfg)
         t.save()
-        assert proc.returncode == 0, f"pulumi up failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-        log(f"up done in {t['up_total_s']} s")
+        log(f"up done in {t['up_total_s']} s ({len(times)} resources, Ready at {t['up_to_ready_s']} s)")
 
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(project.run("stack", "output", "kubeconfig", "--show-secrets", "--stack", "e2e").stdout)
+        kubeconfig = fetch_kubeconfig()
         outputs = json.loads(project.run("stack", "output", "--json", "--stack", "e2e").stdout)
         assert outputs["kubeconfig"] == "[secret]"
         api = outputs["apiserverUrl"]
 
-        verify_cluster(in_ns, kubeconfig, kubectl_bin, _nodes(raw), api, prerequisites, tmp_path, raw["network"]["service_cidr"])
+        verify_cluster(in_ns, kubeconfig, kubectl_bin, nodes_cfg, api, prerequisites, tmp_path, raw["network"]["service_cidr"])
 
         # --- no-op: preview and a second up change and upload nothing ------------------------
         t0 = time.monotonic()
-        project.run("preview", "--expect-no-changes", timeout=1200)
+        proc = project.run("preview", "--expect-no-changes", "--diff", check=False, timeout=1200)
         t["noop_preview_s"] = round(time.monotonic() - t0, 1)
-        ev2 = tmp_path / "up2.events.jsonl"
-        t0 = time.monotonic()
-        project.run("up", "--yes", "--skip-preview", "--event-log", str(ev2), timeout=1200)
-        t["noop_up_s"] = round(time.monotonic() - t0, 1)
-        times2 = resource_times(events(ev2))
-        changed = sorted(k for k, v in times2.items() if v[2] not in ("same", "read"))
-        t["noop_uploaded_bytes"] = sum(uploaded_bytes(times2, bundle).values())
         t.save()
+        assert proc.returncode == 0, f"a no-op preview planned changes:\n{proc.stdout[-12000:]}\n{proc.stderr[-3000:]}"
+        t["noop_up_s"], run2 = up("up2", timeout=1200)
+        changed = sorted(f"{k} ({v[2]})" for k, v in run2["times"].items() if v[2] not in ("same", "read"))
+        t["noop_uploaded_bytes"] = sum(uploaded_bytes(run2["times"], bundle).values())
+        t.save()
+        assert run2["times"], "the no-op up reported no resources: the event log is not being read"
         assert changed == [], f"second up changed {changed}"
         assert t["noop_uploaded_bytes"] == 0
         log(f"no-op preview {t['noop_preview_s']} s, no-op up {t['noop_up_s']} s")
@@ -204,12 +239,29 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         project.run("destroy", "--yes", "--skip-preview", timeout=1800)
         t["destroy_s"] = round(time.monotonic() - t0, 1)
         destroyed = True
-        leftovers = [line for cmd in (["list", "--all", "--name"], ["net-list", "--all", "--name"], ["vol-list", "kubelab"])
-                     for line in lab.virsh(*cmd, check=False).stdout.splitlines() if NAME in line]
-        assert leftovers == [], f"left behind: {leftovers}"
+        assert leftovers(lab, NAME) == [], f"left behind: {leftovers(lab, NAME)}"
+        t.save()
+        log(f"destroy in {t['destroy_s']} s left nothing behind")
+
+        # --- the ephemeral-lab loop: the same stack comes back --------------------------------
+        log("pulumi up again (recreate the destroyed lab)")
+        destroyed = False
+        t["recreate_s"], _ = up("up3")
+        t.save()
+        kubeconfig = fetch_kubeconfig()
+        nodes = json.loads(in_ns(kubectl_bin, "--kubeconfig", str(kubeconfig), "get", "nodes", "-o", "json").stdout)["items"]
+        ready_nodes = sorted(n["metadata"]["name"] for n in nodes
+                             if {c["type"]: c["status"] for c in n["status"]["conditions"]}.get("Ready") == "True")
+        assert ready_nodes == sorted(n["name"] for n in nodes_cfg if n["runs_workloads"]), ready_nodes
+        log(f"recreated in {t['recreate_s']} s, nodes Ready: {ready_nodes}")
+        t0 = time.monotonic()
+        project.run("destroy", "--yes", "--skip-preview", timeout=1800)
+        t["destroy2_s"] = round(time.monotonic() - t0, 1)
+        destroyed = True
+        assert leftovers(lab, NAME) == [], f"left behind: {leftovers(lab, NAME)}"
         t["passed"] = True
         t.save()
-        log("destroy left nothing behind; e2e passed")
+        log("e2e passed")
     finally:
         if not destroyed:
             log("cleaning up after a failure: pulumi destroy")
@@ -217,7 +269,8 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         lab.down()
         t.save()
         summary = {k: t.get(k) for k in ("passed", "nodes", "vm_boot_to_ssh_s", "up_total_s", "up_to_ready_s",
-                                          "noop_preview_s", "noop_up_s", "noop_uploaded_bytes", "destroy_s")}
+                                          "noop_preview_s", "noop_up_s", "noop_uploaded_bytes", "destroy_s",
+                                          "recreate_s", "destroy2_s")}
         print(f"\ne2e timings ({TOPOLOGY}): {json.dumps(summary)}  -> {TIMINGS.relative_to(REPO)}")
 
 

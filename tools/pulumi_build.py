@@ -1,19 +1,11 @@
-"""Build the Pulumi CLI, the Python language host and the resource providers from Go modules.
+"""Build the Pulumi CLI and the Python language host from Go modules.
 
 Each artifact is cached under ``$KUBELAB_CACHE/<key>`` (``pulumi-v3.259.0``,
-``pulumi-language-python-...``, ``provider-command-v1.2.1`` ...) with :func:`kltools.cached`,
-and linked into ``$KUBELAB_CACHE/bin``: one PATH entry then serves the CLI, the language host
-and the providers (Pulumi uses ``pulumi-resource-*`` binaries found on PATH as "ambient"
-plugins, before its plugin cache).
+``pulumi-language-python-...``) with :func:`kltools.cached`, and linked into
+``$KUBELAB_CACHE/bin``. Versions come from ``versions.toml`` only.
 
-Versions come from ``versions.toml`` only. Module versions are resolved through the Go module
-proxy; a module the proxy does not serve is reported as :class:`Unobtainable` (the build of
-the other artifacts goes on, and :func:`build_pulumi` raises :class:`ToolchainIncomplete` at
-the end, after linking what was built).
-
-Status here (Nov 2026 proxy): the CLI and the language host build; no provider module is
-served (403), so the provider recipes are only exercised up to the module lookup; the steps
-after it follow the modules' build scripts but have not been run.
+Provider plugins are not built here: Pulumi acquires them (``tools/plugins.py`` reports which
+ones it can find and installs them from a plugin mirror when ``KUBELAB_PLUGIN_DIR`` is set).
 """
 
 from __future__ import annotations
@@ -22,15 +14,12 @@ import json
 import os
 import re
 import shutil
-import stat
 import subprocess
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kltools import cache_root, cached, go_env, log, run, versions
+from kltools import cache_root, cached, go_env, run, versions
 
 PKG = "github.com/pulumi/pulumi/pkg/v3"
 SDK = "github.com/pulumi/pulumi/sdk/v3"
@@ -46,38 +35,6 @@ class Unobtainable(RuntimeError):
     """A module version the Go module proxy does not serve."""
 
 
-class ToolchainIncomplete(RuntimeError):
-    """Some artifacts could not be built; the others are built and linked."""
-
-    def __init__(self, bin_dir: Path, failures: dict[str, str]) -> None:
-        self.bin_dir = bin_dir
-        self.failures = failures
-        lines = "\n".join(f"  {k}: {v}" for k, v in failures.items())
-        super().__init__(f"not built:\n{lines}\n(built ones are linked in {bin_dir})")
-
-
-@dataclass(frozen=True)
-class Provider:
-    """How to build one ``pulumi-resource-NAME`` from its provider Go module."""
-
-    name: str
-    module: str  # the provider Go module (``.../provider`` or ``.../provider/vN``)
-    tagless: bool  # True: no tags on the provider module, use the repo tag's commit
-    schema: bool  # ``schema-embed.json`` is git-ignored: generate it before building
-    fixup: Callable[[Path, str], None] | None = None
-
-    @property
-    def repo_module(self) -> str:
-        """The repository's root module, whose tags ``vX.Y.Z`` name each release commit."""
-        return self.module.split("/provider")[0]
-
-    @property
-    def main(self) -> str:
-        return f"./cmd/pulumi-resource-{self.name}"
-
-    @property
-    def version_var(self) -> str:
-        return f"{self.module}/pkg/version.Version"
 
 
 # --------------------------------------------------------------------------- go helpers
@@ -234,81 +191,6 @@ def build_language_host(cli: str, legacy_sdk: str | None, out: Path) -> None:
     _check([str(out / "pulumi-language-python"), "-h"], "Usage of")
 
 
-# --------------------------------------------------------------------------- providers
-
-
-def _tls_shim(src: Path, version: str) -> None:
-    """Recreate ``./shim`` (a nested module, so missing from the zip).
-
-    Its module path lies under terraform-provider-tls so that it may import the upstream
-    ``internal/provider`` package; it only re-exports that provider.
-    """
-    upstream = "github.com/hashicorp/terraform-provider-tls"
-    m = re.search(rf"^\s*{re.escape(upstream)} (\S+)", (src / "go.mod").read_text(), re.M)
-    if not m:
-        raise Unobtainable(f"tls {version}: go.mod does not require {upstream}")
-    shim = src / "shim"
-    shim.mkdir(exist_ok=True)
-    (shim / "go.mod").write_text(f"module {upstream}/shim\n\ngo 1.26\n\nrequire {upstream} {m.group(1)}\n")
-    (shim / "shim.go").write_text(
-        "// Package shim re-exports the upstream TLS provider for the Pulumi bridge.\n"
-        "package shim\n\n"
-        'import (\n\t"github.com/hashicorp/terraform-plugin-framework/provider"\n'
-        f'\tupstream "{upstream}/internal/provider"\n)\n\n'
-        "// NewProvider returns the upstream provider.\n"
-        "func NewProvider() provider.Provider { return upstream.New() }\n"
-    )
-    run(["go", "mod", "tidy"], cwd=shim, env=_env())
-
-
-PROVIDERS = [
-    Provider("command", "github.com/pulumi/pulumi-command/provider", tagless=True, schema=False),
-    Provider("tls", "github.com/pulumi/pulumi-tls/provider/v5", tagless=False, schema=True, fixup=_tls_shim),
-    Provider("libvirt", "github.com/pulumi/pulumi-libvirt/provider", tagless=True, schema=True),
-    # The DigitalOcean provider module replaces its upstream with a git submodule (../upstream);
-    # no fixup is known here, so a copy still carrying that replace fails with a clear message.
-    Provider("digitalocean", "github.com/pulumi/pulumi-digitalocean/provider/v4", tagless=False, schema=True),
-]
-
-
-def provider_module_version(p: Provider, version: str) -> str:
-    """The module version to build ``p`` at release ``version`` (tag or pseudo-version)."""
-    if not p.tagless:
-        module_info(p.module, f"v{version}")
-        return f"v{version}"
-    return pseudo_version(p.module, module_info(p.repo_module, f"v{version}"))
-
-
-def build_provider(p: Provider, version: str, cli_bin: Path, out: Path) -> None:
-    """Build ``pulumi-resource-NAME`` in a writable copy of its module, version set by ldflags."""
-    mod_version = provider_module_version(p, version)
-    src_ro = module_dir(p.module, mod_version)
-    log(f"{p.name} {version}: {p.module}@{mod_version}")
-    with tempfile.TemporaryDirectory(dir=cache_root(), prefix=WORK_PREFIX) as tmp:
-        src = Path(tmp) / "provider"
-        shutil.copytree(src_ro, src)
-        for path in [src, *src.rglob("*")]:
-            path.chmod(path.stat().st_mode | stat.S_IWUSR)
-        if p.fixup:
-            p.fixup(src, version)
-        local = re.findall(r"=>\s*(\.\.?/\S+)", (src / "go.mod").read_text())
-        missing = [r for r in local if not (src / r).exists()]
-        if missing:
-            raise Unobtainable(f"{p.name}: go.mod replaces point outside the module: {missing}")
-        if p.schema:
-            run(["go", "generate", p.main], cwd=src, env=_env({"VERSION": version}))
-        ldflags = f"-s -w -X {p.version_var}={version}"
-        run(["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(out / f"pulumi-resource-{p.name}"), p.main], cwd=src, env=_env())
-    schema = _check(
-        [str(cli_bin), "package", "get-schema", str(out / f"pulumi-resource-{p.name}")],
-        '"version"',
-        env=offline_env(),
-    )
-    got = json.loads(schema).get("version", "")
-    if got.lstrip("v") != version:
-        raise SystemExit(f"[tools] pulumi-resource-{p.name} reports {got!r}, expected {version}")
-
-
 # --------------------------------------------------------------------------- assembly
 
 
@@ -344,36 +226,20 @@ def _link(target: Path, hard: bool = False) -> None:
 
 
 def build_pulumi(timings: dict) -> Path:
-    """Build (or reuse) the CLI, the language host and the providers; return the bin dir.
-
-    Raises :class:`ToolchainIncomplete` after linking when some provider could not be built.
-    """
+    """Build (or reuse) the CLI and the language host, link them; return the bin dir."""
     pins = versions()
     cli = pins["pulumi"]["cli"]
     legacy = pins["pulumi"].get("python_language_host_sdk")
     bin_dir().mkdir(parents=True, exist_ok=True)
     for stale in cache_root().glob(WORK_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
-    built: list[Path] = []
+    # Provider links from earlier versions of this script: plugins are Pulumi's to find now.
+    for old in bin_dir().glob("pulumi-resource-*"):
+        if old.is_symlink() and str(old.resolve()).startswith(str(cache_root() / "provider-")):
+            old.unlink()
     cli_dir = cached(f"pulumi-v{cli}", lambda o: build_cli(cli, o), timings)
-    built.append(cli_dir / "pulumi")
     lh_dir = cached(language_host_key(cli, legacy), lambda o: build_language_host(cli, legacy, o), timings)
-    built += [lh_dir / "pulumi-language-python", lh_dir / EXEC_SCRIPT]
-    failures: dict[str, str] = {}
-    for p in PROVIDERS:
-        ver = pins["providers"][p.name]
-        key = f"provider-{p.name}-v{ver}"
-        try:
-            d = cached(key, lambda o, p=p, ver=ver: build_provider(p, ver, cli_dir / "pulumi", o), timings)
-        except Unobtainable as exc:
-            log(f"{key}: NOT BUILT: {exc}")
-            failures[key] = str(exc)
-            shutil.rmtree(cache_root() / f"{key}.partial", ignore_errors=True)
-            (bin_dir() / f"pulumi-resource-{p.name}").unlink(missing_ok=True)
-            continue
-        built.append(d / f"pulumi-resource-{p.name}")
-    for target in built:
-        _link(target, hard=target == cli_dir / "pulumi")
-    if failures:
-        raise ToolchainIncomplete(bin_dir(), failures)
+    _link(cli_dir / "pulumi", hard=True)
+    for target in (lh_dir / "pulumi-language-python", lh_dir / EXEC_SCRIPT):
+        _link(target)
     return bin_dir()

@@ -2,9 +2,11 @@
 
     python3 tools/toolchain.py all|pulumi|bundle|where
 
-``pulumi`` builds the Pulumi CLI, the Python language host and the providers and links them
-into ``$KUBELAB_CACHE/bin``; ``bundle`` builds the node bundle; ``all`` does both; ``where``
-only prints where things are. Builds are cached by version (a second run takes seconds) and
+``pulumi`` builds the Pulumi CLI and the Python language host and links them into
+``$KUBELAB_CACHE/bin``; ``bundle`` builds the node bundle; ``all`` does both. Each action ends
+with ``where``: where things are, and which provider plugins Pulumi can and cannot find (with
+the fix for each). Provider plugins are never built here: Pulumi downloads them online; with
+``KUBELAB_PLUGIN_DIR`` set, missing ones are installed from that plugin mirror. Builds are cached by version (a second run takes seconds) and
 cold build seconds are merged into ``$KUBELAB_CACHE/build-times.json``.
 """
 
@@ -43,7 +45,8 @@ def bundle_dir() -> Path:
 
 
 def where() -> int:
-    """Print the pulumi binary, the bin dir and the bundle, marking what is missing."""
+    """Print the pulumi binary, the bin dir, the bundle and the provider plugins."""
+    import plugins
     from pulumi_build import bin_dir
 
     def state(p: Path, done: Path) -> str:
@@ -53,19 +56,23 @@ def where() -> int:
     print(f"pulumi: {state(pulumi, pulumi)}")
     print(f"bin:    {bin_dir()}  (export PATH={bin_dir()}:$PATH)")
     print(f"bundle: {state(bundle_dir(), bundle_dir() / '.done')}")
+    print(plugins.report(plugins.find_all()))
     return 0
 
 
 def build_pulumi(timings: dict[str, float]) -> bool:
-    """Build the Pulumi side; False (after logging) when some artifact is missing."""
-    from pulumi_build import ToolchainIncomplete
-    from pulumi_build import build_pulumi as build
+    """Build the CLI and language host; install missing plugins from ``KUBELAB_PLUGIN_DIR``."""
+    import os
 
-    try:
-        build(timings)
-    except ToolchainIncomplete as exc:
-        log(f"pulumi toolchain incomplete: {exc}")
-        return False
+    import plugins
+    from pulumi_build import build_pulumi as build
+    from pulumi_build import offline_env
+
+    bindir = build(timings)
+    mirror = os.environ.get(plugins.MIRROR_ENV)
+    if mirror:
+        for line in plugins.install_from_mirror(bindir / "pulumi", Path(mirror), offline_env()):
+            log(f"plugin mirror: {line}")
     return True
 
 
