@@ -71,6 +71,21 @@ def test_digitalocean_preview_with_dummy_token_offline(tmp_path):
     assert types["command:remote:Command"] == 20
 
 
+def test_static_hosts_preview_offline(tmp_path):
+    """Existing hosts: nothing to create but the PKI and the remote steps (no SSH at preview)."""
+    cache = prepare_cache(tmp_path / "cache")
+    project = Project(tmp_path, "static", base_config(cache, "static"), cache=cache)
+    preview, _ = project.preview_json()
+    steps = planned(preview)
+    assert all(s["op"] == "create" for s in steps), steps
+    types = count_by_type(steps)
+    assert not [t for t in types if t.startswith(("libvirt:", "digitalocean:"))], types
+    assert types["command:remote:Command"] == 20
+    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 16
+    names = {s["name"] for s in steps}
+    assert {"svr001-wait-for-ssh", "svr001-etcd", "svr002-kubelet", "svr003-kubelet", "svr001-cluster-ready"} <= names
+
+
 def test_bad_config_fails_preview_with_the_message_and_plans_nothing(tmp_path):
     cache = prepare_cache(tmp_path / "cache")
     cluster = base_config(cache, "digitalocean")

@@ -219,7 +219,7 @@ def test_remote_scripts_are_valid_bash_and_fail_loudly(lab_files):
     g, _ = lab_files
     for r in g.find(CMD):
         script = unwrap(r.inputs["create"])
-        assert "set -euo pipefail" in script, r.name
+        assert "set -Eeuo pipefail" in script, r.name  # -E: the ERR trap also fires inside functions
         proc = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, check=False)
         assert proc.returncode == 0, f"{r.name}: {proc.stderr}"
         if r.inputs.get("delete"):
@@ -238,3 +238,26 @@ def test_teardown_never_kills_its_own_shell(module_cache):
         assert re.search(r"pkill -f '\^/", line), f"{name}: unanchored {line!r}"
         script = subprocess.run(["bash", "-n"], input=line, capture_output=True, text=True, check=False)
         assert script.returncode == 0, script.stderr
+
+
+def test_a_unit_that_will_not_start_reports_node_step_and_journal(tmp_path):
+    """A failure inside a shell function (``start_units``) still names the node and the step and
+    prints the unit's status and journal tail: real bash, a fake ``systemctl``/``journalctl``."""
+    from components.render import render
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "systemctl").write_text('#!/bin/sh\n[ "$1" = restart ] && { echo "Job for $2.service failed" >&2; exit 1; }\n'
+                                    '[ "$1" = status ] && echo "STATUS-OF-$4"\nexit 0\n')
+    (fake / "journalctl").write_text('#!/bin/sh\necho "JOURNAL-TAIL-OF-$2: kubelet: unknown flag --bogus"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    script = render("scripts/install-service.sh.j2", node="worker-1", step="kubelet", units=["kubelet"], files=[],
+                    secret_files=[], binaries=[], images=[], dirs=[], checks=[])
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, timeout=60,
+                          env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert proc.returncode != 0
+    assert "kubelab: step 'kubelet' failed on node 'worker-1'" in proc.stderr
+    assert "----- journalctl -u kubelet -n 50 (node worker-1) -----" in proc.stderr
+    assert "JOURNAL-TAIL-OF-kubelet: kubelet: unknown flag --bogus" in proc.stderr
+    assert "STATUS-OF-kubelet" in proc.stderr
