@@ -75,9 +75,10 @@ def test_static_hosts_preview_offline(tmp_path):
     """Existing hosts: nothing to create but the PKI and the remote steps (no SSH at preview)."""
     cache = prepare_cache(tmp_path / "cache")
     project = Project(tmp_path, "static", base_config(cache, "static"), cache=cache)
-    preview, _ = project.preview_json()
+    preview, proc = project.preview_json()
     steps = planned(preview)
     assert all(s["op"] == "create" for s in steps), steps
+    assert "static.hosts[svr002]: no host_key" in proc.stdout + proc.stderr  # trust on first use is said out loud
     types = count_by_type(steps)
     assert not [t for t in types if t.startswith(("libvirt:", "digitalocean:"))], types
     assert types["command:remote:Command"] == 20

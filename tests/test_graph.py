@@ -199,3 +199,16 @@ def test_static_graph_tears_down_on_destroy(config_for):
     kubelet = g.one("svr002-kubelet")
     assert "systemctl disable --now kubelet" in kubelet.inputs["delete"]
     assert kubelet.inputs["connection"]["value"]["host"] == "192.168.50.12"
+
+
+def test_static_hosts_without_host_key_are_warned_about(config_for):
+    from unittest import mock
+
+    raw = config_for("static")
+    raw["static"]["hosts"][0]["host_key"] = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPinnedKeyForSvr001xxxxxxxxxxxxxxxxxxxxx"
+    with mock.patch("pulumi.log.warn") as warn:
+        run_program(raw)
+    said = [c.args[0] for c in warn.call_args_list]
+    assert [m for m in said if "svr002" in m and "ssh-keyscan -t ed25519 192.168.50.12" in m]
+    assert [m for m in said if "svr003" in m and "no host_key" in m]
+    assert not [m for m in said if "svr001" in m]  # pinned: nothing to say

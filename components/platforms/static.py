@@ -14,8 +14,17 @@ from components.config import ClusterConfig
 from components.machine import Fleet, Machine
 
 
+def unpinned_host_warning(name: str, address: str) -> str:
+    """The preview warning for a host whose SSH host key is not pinned."""
+    return (f"static.hosts[{name}]: no host_key, so its SSH host key is trusted on first use without any check; "
+            f"pin it: set host_key to the key that `ssh-keyscan -t ed25519 {address}` prints (\"ssh-ed25519 AAAA...\")")
+
+
 def create_machines(cfg: ClusterConfig, parent: pulumi.Resource) -> Fleet:
     default_key = cfg.ssh.private_key()
+    for n in cfg.nodes:
+        if not n.host_key:
+            pulumi.log.warn(unpinned_host_warning(n.name, n.public_address or n.address or ""), parent)
     machines = [
         Machine(
             spec=n,
