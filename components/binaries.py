@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.config import BinariesConfig
-from components.versions import bundle_key
+from components.versions import bundle_key, load_versions
 
 # Bundle files per install step.
 CONTROL_PLANE_FILES = ("bin/etcd", "bin/etcdctl", "bin/kube-apiserver", "bin/kube-controller-manager",
@@ -117,6 +117,8 @@ def open_directory(root: Path, versions: dict[str, str], require_images: bool = 
 # --- download source --------------------------------------------------------------------------
 
 GITHUB = "https://github.com"
+# Release pins used only by the download source (versions.toml [download]).
+DOWNLOAD_PINS: dict[str, str] = dict(load_versions().get("download", {}))
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ def artifacts(versions: dict[str, str]) -> list[Artifact]:
     """Official linux/amd64 release URLs for these versions."""
     k8s, etcd, ctd = versions["kubernetes"], versions["etcd"], versions["containerd"]
     runc, cni, fl = versions["runc"], versions["cni_plugins"], versions["flannel"]
-    flcni, dns = versions["flannel_cni_plugin"], versions["coredns"]
+    dns = versions["coredns"]
     out = []
     for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl"):
         url = f"https://dl.k8s.io/release/v{k8s}/bin/linux/amd64/{name}"
@@ -150,10 +152,11 @@ def artifacts(versions: dict[str, str]) -> list[Artifact]:
                         {f"cni/{p}": f"./{p}" for p in ("bridge", "host-local", "loopback", "portmap")}))
     fl_url = f"{GITHUB}/flannel-io/flannel/releases/download/v{fl}/flannel-v{fl}-linux-amd64.tar.gz"
     out.append(Artifact(fl_url, fl_url + ".sha256", {"bin/flanneld": "flanneld"}))
-    # The flannel CNI plugin as released with containernetworking/plugins (its last home
-    # before moving to flannel-io/cni-plugin; versions.toml pins that release).
-    flcni_url = f"{GITHUB}/containernetworking/plugins/releases/download/v{flcni}/cni-plugins-linux-amd64-v{flcni}.tgz"
-    out.append(Artifact(flcni_url, flcni_url + ".sha256", {"cni/flannel": "./flannel"}))
+    # The flannel CNI plugin from its own project's releases (flannel-io/cni-plugin v1.x speaks
+    # CNI 1.0.0, which the rendered conflist declares); the release pin is versions.toml [download].
+    flcni = DOWNLOAD_PINS["flannel_cni_plugin"]
+    flcni_url = f"{GITHUB}/flannel-io/cni-plugin/releases/download/v{flcni}/cni-plugin-flannel-linux-amd64-v{flcni}.tgz"
+    out.append(Artifact(flcni_url, flcni_url + ".sha256", {"cni/flannel": "flannel-amd64"}))
     dns_url = f"{GITHUB}/coredns/coredns/releases/download/v{dns}/coredns_{dns}_linux_amd64.tgz"
     out.append(Artifact(dns_url, dns_url + ".sha256", {"bin/coredns": "coredns"}))
     return out
@@ -179,9 +182,14 @@ def _expected_sum(art: Artifact, pinned: dict[str, str]) -> str:
     raise BinaryError(f"binaries: no sha256 for {name} in {art.checksum_url}; pin it in binaries.sha256")
 
 
+def download_key(versions: dict[str, str]) -> str:
+    """Directory of a downloaded bundle: the node versions plus the download-only pins."""
+    return bundle_key({**versions, **{f"download.{k}": v for k, v in DOWNLOAD_PINS.items()}})
+
+
 def download_bundle(cfg: BinariesConfig, versions: dict[str, str], arts: list[Artifact] | None = None) -> Bundle:
     """Fetch (once) and verify every release file, then unpack into the bundle layout."""
-    root = Path(cfg.path) / bundle_key(versions)
+    root = Path(cfg.path) / download_key(versions)
     if (root / "SHA256SUMS").is_file():
         return open_directory(root, versions, require_images=False)
     tmp = root.with_name(root.name + ".partial")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from components.binaries import Artifact, BinaryError, artifacts, download_bundle, open_directory
+from components.binaries import Artifact, BinaryError, artifacts, download_bundle, download_key, open_directory
 from components.config import BinariesConfig
-from components.versions import bundle_key, load_versions
+from components.versions import load_versions
 from tests.conftest import make_bundle
 
 VERSIONS = load_versions()["node"]
@@ -62,6 +62,27 @@ def test_official_urls_for_pinned_versions():
     assert kubelet.checksum_url == kubelet.url + ".sha256"
 
 
+def test_download_flannel_cni_plugin_speaks_the_conflists_cni_version():
+    """``download`` takes the flannel CNI plugin from flannel-io/cni-plugin v1.x (CNI spec
+    1.0.0), never from containernetworking/plugins <= v0.9.1 (CNI <= 0.4.0)."""
+    import json
+
+    from components.binaries import DOWNLOAD_PINS
+    from components.render import render
+
+    flannel = [a for a in artifacts(VERSIONS) if "cni/flannel" in a.provides]
+    assert len(flannel) == 1
+    art = flannel[0]
+    pin = DOWNLOAD_PINS["flannel_cni_plugin"]
+    assert art.url == ("https://github.com/flannel-io/cni-plugin/releases/download/"
+                       f"v{pin}/cni-plugin-flannel-linux-amd64-v{pin}.tgz")
+    assert art.provides == {"cni/flannel": "flannel-amd64"} and art.checksum_url == art.url + ".sha256"
+    major = int(pin.split(".")[0])
+    conflist = json.loads(render("config/10-flannel.conflist.j2"))
+    # flannel-io/cni-plugin speaks CNI spec 1.0.0 from its v1.0.0 on; the conflist declares it.
+    assert major >= 1 and conflist["cniVersion"] == "1.0.0"
+
+
 def _release(tmp_path: Path) -> list[Artifact]:
     """A fake release on file:// URLs: one plain file, one archive, with checksum files."""
     rel = tmp_path / "release"
@@ -87,7 +108,7 @@ def test_download_checksum_mismatch_is_a_clear_error_and_nothing_lands(tmp_path,
     cfg = BinariesConfig(source="download", path=str(tmp_path / "cache"), sha256={"kubelet": "0" * 64})
     with pytest.raises(BinaryError, match=r"checksum mismatch for file://.*/kubelet: got [0-9a-f]{64}, expected 0{64}; nothing was uploaded"):
         download_bundle(cfg, VERSIONS, arts)
-    assert not (tmp_path / "cache" / bundle_key(VERSIONS)).exists()
+    assert not (tmp_path / "cache" / download_key(VERSIONS)).exists()
     assert "kubelab: downloading file://" in capsys.readouterr().err
 
 
@@ -97,8 +118,8 @@ def test_download_verifies_against_published_checksums_and_unpacks(tmp_path):
     # The fake release provides two files only, so the bundle is refused as incomplete...
     with pytest.raises(BinaryError, match=r"did not provide bin/containerd, bin/containerd-shim-runc-v2"):
         download_bundle(cfg, VERSIONS, arts)
-    assert not (tmp_path / "cache" / bundle_key(VERSIONS)).exists()
+    assert not (tmp_path / "cache" / download_key(VERSIONS)).exists()
     # ...after both were verified (published checksums) and unpacked into the layout.
-    partial = tmp_path / "cache" / (bundle_key(VERSIONS) + ".partial")
+    partial = tmp_path / "cache" / (download_key(VERSIONS) + ".partial")
     assert (partial / "bin/kubelet").read_bytes() == b"kubelet binary"
     assert (partial / "bin/etcd").read_bytes() == b"etcd binary"
