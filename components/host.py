@@ -118,7 +118,8 @@ class HostAccess(pulumi.ComponentResource):
         self.ready = remote.Command(
             f"{machine.name}-wait-for-ssh",
             connection=machine.connection(wait=True),
-            create=render("scripts/wait-for-ssh.sh.j2", node=machine.name),
+            create=pulumi.Output.from_input(machine.identity).apply(
+                lambda ident: render("scripts/wait-for-ssh.sh.j2", node=machine.name, machine_id=ident)),
             # Runs last on destroy (every step depends on this one): the staging area goes.
             delete=as_root(render("scripts/teardown.sh.j2", node=machine.name, step="wait-for-ssh", units=[],
                                   cleanup=[], paths=["/var/lib/kubelab"]), machine.user) if machine.teardown else None,
@@ -139,6 +140,8 @@ class HostAccess(pulumi.ComponentResource):
                 connection=self.machine.connection(),
                 source=pulumi.FileAsset(str(local.path)),
                 remote_path=f"{STAGE}/{rel}",
+                # A replaced machine gets every file again (an upload has no remote side to delete).
+                triggers=[self.machine.identity],
                 opts=pulumi.ResourceOptions(parent=parent, depends_on=[self.ready]),
             )
         return self._uploads[rel]
@@ -160,16 +163,17 @@ class HostAccess(pulumi.ComponentResource):
         images = [{"name": rel, "sha256": self.bundle.get(rel).sha256} for rel in spec.images]
         secret_ctx = [{"name": str(i), "path": f.path, "mode": f.mode} for i, f in enumerate(spec.secret_files)]
 
-        def script(contents: list[str]) -> str:
+        def script(values: list[str]) -> str:
+            ident, contents = values[0], values[1:]
             files = [{"path": f.path, "mode": f.mode, "content": _nl(c)} for f, c in zip(spec.files, contents, strict=True)]
             return as_root(render(
-                template, node=machine.name, step=name, units=list(spec.units), files=files,
+                template, node=machine.name, machine_id=ident, step=name, units=list(spec.units), files=files,
                 secret_files=secret_ctx, binaries=binaries, images=images,
                 dirs=[{"path": p, "mode": m} for p, m in spec.dirs],
                 checks=list(spec.checks), **spec.context,
             ), machine.user)
 
-        create = pulumi.Output.all(*[f.content for f in spec.files]).apply(script)
+        create = pulumi.Output.all(machine.identity, *[f.content for f in spec.files]).apply(script)
         stdin = None
         if spec.secret_files:
             stdin = pulumi.Output.secret(

@@ -28,6 +28,11 @@ class Machine:
     user: str
     private_key: pulumi.Input[str]  # secret
     host_key: pulumi.Input[str] | None = None  # pinned SSH host key (authorized_keys format)
+    # Which machine this is (libvirt domain UUID, droplet id; address for existing hosts). It
+    # changes when the platform replaces the machine, and every step and upload on the node
+    # depends on it: a replaced machine, blank again, gets all of its steps re-run, and no
+    # other node's (a replacement keeps name, address and host key, so nothing else shows it).
+    identity: pulumi.Input[str] = ""
     depends_on: list[pulumi.Resource] = field(default_factory=list)  # e.g. the VM
     # False when kubelab created the machine and destroys it whole: no remote clean-up needed.
     teardown: bool = False

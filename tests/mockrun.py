@@ -24,10 +24,14 @@ PEM_CERT = "-----BEGIN CERTIFICATE-----\nMOCK\n-----END CERTIFICATE-----\n"
 
 
 class KubelabMocks(pulumi.runtime.Mocks):
-    """Outputs the providers would compute (keys, certificates, droplet addresses)."""
+    """Outputs the providers would compute (keys, certificates, droplet addresses).
 
-    def __init__(self) -> None:
+    ``ids`` overrides the id of named resources (a replaced VM gets a new domain id).
+    """
+
+    def __init__(self, ids: dict[str, str] | None = None) -> None:
         self.count = 0
+        self.ids = ids or {}
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         self.count += 1
@@ -51,7 +55,7 @@ class KubelabMocks(pulumi.runtime.Mocks):
             state["fingerprint"] = "aa:bb:cc"
         elif t == "command:remote:Command":
             state.update(stdout="", stderr="")
-        return [f"{args.name}-id", state]
+        return [self.ids.get(args.name, f"{args.name}-id"), state]
 
     def call(self, args: pulumi.runtime.MockCallArgs):
         return {}
@@ -137,9 +141,9 @@ class Graph:
         return earlier.urn in self.ancestors(later)
 
 
-def run_program(raw_config: dict, stack: str = "test") -> Graph:
+def run_program(raw_config: dict, stack: str = "test", ids: dict[str, str] | None = None) -> Graph:
     """Run ``__main__.py`` with ``raw_config`` as ``kubelab:cluster`` under recording mocks."""
-    mocks = KubelabMocks()
+    mocks = KubelabMocks(ids)
     monitor = RecordingMonitor(mocks)
     pulumi.runtime.set_mocks(mocks, project="kubelab", stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config({"kubelab:cluster": json.dumps(raw_config)})

@@ -148,8 +148,31 @@ def test_wait_for_ssh_dials_without_limit_and_has_a_timeout(lab):
 
 def test_no_command_uses_triggers(lab):
     # triggers replace the resource; a kubelet flag change must only update that step.
-    for r in lab.find(CMD) + lab.find(COPY):
+    for r in lab.find(CMD):
         assert "triggers" not in r.inputs, r.name
+    # An upload has nothing remote to delete: its one trigger is the machine it copies to.
+    for r in lab.find(COPY):
+        node = r.name.split("-upload-")[0]
+        assert r.inputs["triggers"] == [f"{node}-id"], r.name
+
+
+def test_a_replaced_machine_reruns_exactly_its_own_steps_and_uploads(module_cache):
+    """A VM replaced (disk, image, size, or deleted by hand) keeps name, address and host key:
+    only its new domain id tells. Every step and upload on that node changes, nothing else."""
+    raw = base_config(module_cache, "libvirt")
+    before = run_program(raw)
+    after = run_program(raw, ids={"worker-1": "worker-1-replaced-uuid"})
+
+    def inputs(g: Graph) -> dict[str, dict]:
+        return {r.name: r.inputs for r in g.find(CMD) + g.find(COPY)}
+
+    old, new = inputs(before), inputs(after)
+    assert old.keys() == new.keys()
+    changed = {name for name in old if old[name] != new[name]}
+    on_worker_1 = {name for name in old if name.startswith("worker-1-")}
+    assert changed == on_worker_1, sorted(changed ^ on_worker_1)
+    assert "worker-1-replaced-uuid" in new["worker-1-kubelet"]["create"]
+    assert new["worker-1-upload-bin-kubelet"]["triggers"] == ["worker-1-replaced-uuid"]
 
 
 def test_exports_present(lab):

@@ -252,7 +252,7 @@ def test_a_unit_that_will_not_start_reports_node_step_and_journal(tmp_path):
     (fake / "journalctl").write_text('#!/bin/sh\necho "JOURNAL-TAIL-OF-$2: kubelet: unknown flag --bogus"\n')
     for f in fake.iterdir():
         f.chmod(0o755)
-    script = render("scripts/install-service.sh.j2", node="worker-1", step="kubelet", units=["kubelet"], files=[],
+    script = render("scripts/install-service.sh.j2", node="worker-1", machine_id="uuid-1", step="kubelet", units=["kubelet"], files=[],
                     secret_files=[], binaries=[], images=[], dirs=[], checks=[])
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, timeout=60,
                           env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})

@@ -110,6 +110,7 @@ class DigitalOceanCluster(pulumi.ComponentResource):
             user=cfg.ssh.user,
             private_key=cfg.ssh.private_key(),
             host_key=host_key,
+            identity=droplet.id,
             depends_on=[droplet],
         )
         return droplet, machine

@@ -34,7 +34,9 @@ class LibvirtLab(pulumi.ComponentResource):
         lv = cfg.libvirt
         assert lv is not None  # guaranteed by config validation
         provider = libvirt.Provider("libvirt", uri=lv.uri, opts=pulumi.ResourceOptions(parent=self))
-        child = pulumi.ResourceOptions(parent=self, provider=provider)
+        # Every libvirt object here has a fixed name, so a replacement must delete the old one
+        # first (create-before-delete would collide on the name).
+        child = pulumi.ResourceOptions(parent=self, provider=provider, delete_before_replace=True)
         net = ipaddress.ip_network(cfg.network.node_cidr)
         gateway = str(net[1])
 
@@ -111,6 +113,7 @@ class LibvirtLab(pulumi.ComponentResource):
             user=cfg.ssh.user,
             private_key=cfg.ssh.private_key(),
             host_key=host_key,
+            identity=domain.id,
             depends_on=[domain],
         )
 
