@@ -127,6 +127,19 @@ class DigitalOceanConfig:
     monitoring: bool
 
 
+POD_SECURITY_LEVELS = ("privileged", "baseline", "restricted")
+
+
+@dataclass(frozen=True)
+class PodSecurityConfig:
+    """Cluster-wide Pod Security admission defaults (a namespace label overrides them)."""
+
+    enforce: str = "baseline"
+    warn: str = "restricted"
+    audit: str = "restricted"
+    exempt_namespaces: tuple[str, ...] = ("kube-system",)
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """The whole validated configuration of one stack."""
@@ -144,6 +157,7 @@ class ClusterConfig:
     binaries: BinariesConfig
     registry_mirrors: dict[str, tuple[str, ...]]
     addons: dict[str, bool]
+    pod_security: PodSecurityConfig
     libvirt: LibvirtConfig | None
     digitalocean: DigitalOceanConfig | None
 
@@ -273,7 +287,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
     r.unknown(
         raw,
         {"name", "platform", "versions", "masters", "workers", "masters_run_workloads", "network",
-         "ssh", "binaries", "registry_mirrors", "addons", "libvirt", "digitalocean", "static"},
+         "ssh", "binaries", "registry_mirrors", "addons", "pod_security", "libvirt", "digitalocean", "static"},
         "cluster",
     )
 
@@ -535,6 +549,23 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
         else:
             addons[key] = value
 
+    # --- Pod Security admission defaults -------------------------------------------------------
+    ps_raw = r.section(raw, "pod_security", "cluster")
+    r.unknown(ps_raw, {"enforce", "warn", "audit", "exempt_namespaces"}, "pod_security")
+    ps_default = PodSecurityConfig()
+    levels = {}
+    for key in ("enforce", "warn", "audit"):
+        level = r.get(ps_raw, key, "pod_security", str, getattr(ps_default, key))
+        if level not in POD_SECURITY_LEVELS:
+            problems.append(f"pod_security.{key}: {level!r} is not a Pod Security level; choose one of "
+                            f"{', '.join(POD_SECURITY_LEVELS)}")
+        levels[key] = level
+    exempt = r.get(ps_raw, "exempt_namespaces", "pod_security", list, list(ps_default.exempt_namespaces))
+    for ns in exempt:
+        if not isinstance(ns, str) or not NAME_RE.match(ns):
+            problems.append(f"pod_security.exempt_namespaces: {ns!r} must be a namespace name (a DNS label)")
+    pod_security = PodSecurityConfig(exempt_namespaces=tuple(str(n) for n in exempt), **levels)
+
     # --- platform sections --------------------------------------------------------------------
     libvirt_cfg = _libvirt(r, raw, platform, problems)
     do_cfg = _digitalocean(r, raw, platform, role_cfgs, problems)
@@ -549,7 +580,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
             cluster_domain=cluster_domain, flannel_backend=backend, etcd_prefix=etcd_prefix,
             access_cidrs=tuple(access), upstream_dns=tuple(upstream),
         ),
-        ssh=ssh, binaries=binaries, registry_mirrors=mirrors, addons=addons,
+        ssh=ssh, binaries=binaries, registry_mirrors=mirrors, addons=addons, pod_security=pod_security,
         libvirt=libvirt_cfg, digitalocean=do_cfg,
     )
 

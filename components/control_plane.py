@@ -77,8 +77,11 @@ class ControlPlane(pulumi.ComponentResource):
                 units=["kube-apiserver"],
                 binaries=[Binary("bin/kube-apiserver", "/usr/local/bin/kube-apiserver"),
                           Binary("bin/kubectl", "/usr/local/bin/kubectl")],
-                dirs=[("/var/lib/kubernetes", "0700"), ("/etc/kubernetes/pki", "0755")],
+                dirs=[("/var/lib/kubernetes", "0700"), ("/etc/kubernetes/pki", "0755"), ("/var/log/kubernetes", "0700")],
                 files=[File("/etc/systemd/system/kube-apiserver.service", unit),
+                       File("/etc/kubernetes/audit-policy.yaml", render("config/audit-policy.yaml.j2")),
+                       File("/etc/kubernetes/admission-config.yaml", render(
+                           "config/admission-config.yaml.j2", pod_security=cfg.pod_security)),
                        File("/etc/kubernetes/pki/ca.crt", pki.ca.cert),
                        File("/etc/kubernetes/pki/etcd-ca.crt", pki.etcd_ca.cert),
                        File("/etc/kubernetes/pki/front-proxy-ca.crt", pki.front_proxy_ca.cert),

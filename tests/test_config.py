@@ -23,6 +23,7 @@ def test_valid_lab_config_parses_with_defaults(config_for):
     assert cfg.versions["kubernetes"] == "1.36.4"
     assert cfg.addons == {"coredns": True, "dashboard": False}
     assert [n.name for n in cfg.workload_nodes] == ["worker-1", "worker-2"]
+    assert (cfg.pod_security.enforce, cfg.pod_security.warn) == ("baseline", "restricted")
 
 
 def test_seed_000_master_is_also_a_node(config_for):
@@ -108,6 +109,10 @@ CASES = [
      ["digitalocean: only used with platform digitalocean"]),
     ("bad-node-name", lambda r: r.update(workers={"nodes": [{"name": "Worker_1"}]}),
      ["node name 'Worker_1'", "DNS label"]),
+    ("bad-pod-security-level", lambda r: r.update(pod_security={"enforce": "strict"}),
+     ["pod_security.enforce: 'strict' is not a Pod Security level", "privileged, baseline, restricted"]),
+    ("bad-pod-security-exemption", lambda r: r.update(pod_security={"exempt_namespaces": ["Kube_System"]}),
+     ["pod_security.exempt_namespaces: 'Kube_System'", "DNS label"]),
 ]
 
 

@@ -126,7 +126,7 @@ def _all_scripts(lab_files) -> list[str]:
 def test_tls_everywhere_flags(lab_files):
     _, files = lab_files
     api = files["master-1"]["/etc/systemd/system/kube-apiserver.service"]
-    for flag in ("--anonymous-auth=false", "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+    for flag in ("--anonymous-auth=false", "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction,PodSecurity",
                  "--etcd-certfile=", "--kubelet-certificate-authority=", "--encryption-provider-config=", "--etcd-servers=https://"):
         assert flag in api, flag
     assert "--insecure-port" not in api
@@ -138,6 +138,38 @@ def test_tls_everywhere_flags(lab_files):
     assert kubelet["authentication"]["webhook"]["enabled"] is True
     assert kubelet["authorization"]["mode"] == "Webhook"
     assert kubelet["readOnlyPort"] == 0
+
+
+def test_apiserver_audit_log_and_pod_security_defaults(lab_files):
+    """An audit log that records who did what but never a body (so never a Secret's data), with
+    rotation; Pod Security admission: baseline enforced, restricted warned, cluster-wide."""
+    _, files = lab_files
+    master = files["master-1"]
+    api = master["/etc/systemd/system/kube-apiserver.service"]
+    for flag in ("--audit-policy-file=/etc/kubernetes/audit-policy.yaml", "--audit-log-path=/var/log/kubernetes/audit.log",
+                 "--audit-log-maxage=30", "--audit-log-maxbackup=10", "--audit-log-maxsize=100",
+                 "--admission-control-config-file=/etc/kubernetes/admission-config.yaml"):
+        assert flag in api, flag
+    policy = yaml.safe_load(master["/etc/kubernetes/audit-policy.yaml"])
+    assert policy["kind"] == "Policy"
+    assert {rule["level"] for rule in policy["rules"]} <= {"None", "Metadata"}  # no Request/RequestResponse: no bodies
+    assert policy["rules"][-1] == {"level": "Metadata"}  # everything else is recorded
+    secrets_rule = next(r for r in policy["rules"] if any("secrets" in g.get("resources", []) for g in r.get("resources", [])))
+    assert secrets_rule["level"] == "Metadata"
+    admission = yaml.safe_load(master["/etc/kubernetes/admission-config.yaml"])
+    ps = admission["plugins"][0]["configuration"]
+    assert admission["plugins"][0]["name"] == "PodSecurity"
+    assert (ps["defaults"]["enforce"], ps["defaults"]["warn"], ps["defaults"]["audit"]) == ("baseline", "restricted", "restricted")
+    assert ps["exemptions"]["namespaces"] == ["kube-system"]
+
+
+def test_pod_security_levels_follow_the_config(module_cache):
+    raw = base_config(module_cache, "libvirt")
+    raw["pod_security"] = {"enforce": "restricted", "warn": "restricted", "exempt_namespaces": ["kube-system", "monitoring"]}
+    files = shipped_files(run_program(raw))
+    ps = yaml.safe_load(files["master-1"]["/etc/kubernetes/admission-config.yaml"])["plugins"][0]["configuration"]
+    assert ps["defaults"]["enforce"] == "restricted"
+    assert ps["exemptions"]["namespaces"] == ["kube-system", "monitoring"]
 
 
 def test_cgroup_driver_matches_between_kubelet_and_containerd(lab_files):
