@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -35,18 +36,24 @@ REAL_PULUMI_HOME = plugins.pulumi_home()
 PROJECT_FILES = ("Pulumi.yaml", "__main__.py", "versions.toml", "components", "templates")
 
 
-def toolchain_bin(providers: bool = True) -> Path:
+LAB = ("command", "tls", "libvirt")  # the plugins a libvirt stack loads
+STATIC = ("command", "tls")
+DIGITALOCEAN = ("command", "tls", "digitalocean")
+
+
+def toolchain_bin(providers: Sequence[str] = LAB) -> Path:
     """The toolchain's bin dir, or skip the test with one loud line naming what is missing.
 
-    ``providers=False`` for tests that never register a provider resource (a config refused
-    at preview time needs only the CLI and the language host).
+    ``providers`` names the plugins the test's stack loads; ``()`` for tests that never
+    register a provider resource (a config refused at preview time needs only the CLI).
     """
     bindir = REAL_CACHE / "bin"
     missing = [t for t in CLI if not (bindir / t).exists() and not shutil.which(t)]
     if missing:
         pytest.skip(f"PULUMI CLI MISSING ({bindir}): {', '.join(missing)}; run `make tools`")
     if providers:
-        absent = [f"{f.name} {f.version}" for f in plugins.find_all(REAL_PULUMI_HOME) if f.path is None]
+        absent = [f"{f.name} {f.version}" for f in plugins.find_all(REAL_PULUMI_HOME)
+                  if f.path is None and f.name in providers]
         if absent:
             pytest.skip(f"PROVIDER PLUGINS MISSING: {', '.join(absent)} (neither on PATH nor in "
                         f"{REAL_PULUMI_HOME / 'plugins'}); see {plugins.README_SECTION}")
@@ -58,7 +65,7 @@ class Project:
 
     def __init__(self, tmp: Path, stack: str, cluster: dict, extra: dict | None = None,
                  secrets: dict[str, str] | None = None, prefix: list[str] | None = None,
-                 cache: Path | None = None, providers: bool = True):
+                 cache: Path | None = None, providers: Sequence[str] = LAB):
         self.dir = tmp / "project"
         self.dir.mkdir(parents=True)
         for name in PROJECT_FILES:

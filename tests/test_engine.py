@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import base_config, prepare_cache
-from tests.pulumi_support import REPO, Project, planned, toolchain_bin
+from tests.pulumi_support import DIGITALOCEAN, REPO, STATIC, Project, planned, toolchain_bin
 
 pytestmark = pytest.mark.engine
 
@@ -60,7 +60,7 @@ def test_libvirt_preview_against_real_libvirtd(tmp_path, lab_daemons):
 def test_digitalocean_preview_with_dummy_token_offline(tmp_path):
     cache = prepare_cache(tmp_path / "cache")
     project = Project(tmp_path, "do", base_config(cache, "digitalocean"),
-                      secrets={"digitalocean:token": "dummy-token-not-real"}, cache=cache)
+                      secrets={"digitalocean:token": "dummy-token-not-real"}, cache=cache, providers=DIGITALOCEAN)
     preview, _ = project.preview_json()
     types = count_by_type(planned(preview))
     assert types["digitalocean:index/droplet:Droplet"] == 3
@@ -74,7 +74,7 @@ def test_digitalocean_preview_with_dummy_token_offline(tmp_path):
 def test_static_hosts_preview_offline(tmp_path):
     """Existing hosts: nothing to create but the PKI and the remote steps (no SSH at preview)."""
     cache = prepare_cache(tmp_path / "cache")
-    project = Project(tmp_path, "static", base_config(cache, "static"), cache=cache)
+    project = Project(tmp_path, "static", base_config(cache, "static"), cache=cache, providers=STATIC)
     preview, proc = project.preview_json()
     steps = planned(preview)
     assert all(s["op"] == "create" for s in steps), steps
@@ -92,7 +92,7 @@ def test_bad_config_fails_preview_with_the_message_and_plans_nothing(tmp_path):
     cluster = base_config(cache, "digitalocean")
     cluster["masters"] = {"count": 2}
     cluster["network"] = {"pod_cidr": "10.32.0.0/16"}
-    project = Project(tmp_path, "bad", cluster, secrets={"digitalocean:token": "dummy"}, cache=cache, providers=False)
+    project = Project(tmp_path, "bad", cluster, secrets={"digitalocean:token": "dummy"}, cache=cache, providers=())
     preview, proc = project.preview_json(check=False)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
@@ -107,7 +107,7 @@ def test_secrets_are_encrypted_in_preview_state_inputs(tmp_path):
     """Private keys never show in a preview's JSON (the engine marks them secret)."""
     cache = prepare_cache(tmp_path / "cache")
     project = Project(tmp_path, "sec", base_config(cache, "digitalocean"),
-                      secrets={"digitalocean:token": "dummy"}, cache=cache)
+                      secrets={"digitalocean:token": "dummy"}, cache=cache, providers=DIGITALOCEAN)
     proc = project.run("preview", "--json", "--show-secrets=false")
     assert "BEGIN OPENSSH PRIVATE KEY" not in proc.stdout  # the deploy key in connections
     assert "dummy" not in proc.stdout.replace('"dummy', "")  # the token
@@ -116,7 +116,7 @@ def test_secrets_are_encrypted_in_preview_state_inputs(tmp_path):
 def test_pulumi_and_providers_report_pinned_versions():
     from components.versions import load_versions
 
-    bindir = toolchain_bin(providers=False)
+    bindir = toolchain_bin(providers=())
     v = load_versions()
     out = subprocess.run([str(bindir / "pulumi"), "version"], capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"v{v['pulumi']['cli']}"

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.plain_vms import PlainVm, create, destroy, running, wait_ssh
-from tests.pulumi_support import REPO, Project, toolchain_bin
+from tests.pulumi_support import REPO, STATIC, Project, toolchain_bin
 from tests.test_e2e import SSH_OPTS, Timings, log, prerequisites  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
@@ -26,7 +26,7 @@ VMS = [PlainVm("svr001", "10.242.0.11"), PlainVm("svr002", "10.242.0.12"), Plain
 def test_static_hosts_end_to_end(tmp_path, prerequisites):  # noqa: F811
     from harness import Lab
 
-    toolchain_bin()  # this one drives pulumi: skip before booting anything when it can't run
+    toolchain_bin(STATIC)  # this one drives pulumi: skip before booting anything when it can't run
     t = Timings(passed=False, topology="static")
     lab = Lab(state_file=tmp_path / "lab-state.json")
     lab.up()
@@ -50,7 +50,7 @@ def test_static_hosts_end_to_end(tmp_path, prerequisites):  # noqa: F811
         cluster = {"name": "kubelab-static", "platform": "static",
                    "network": {"node_cidr": "10.242.0.0/24", "etcd_prefix": "/kube/network"},
                    "ssh": {"private_key_file": str(key)}, "static": {"hosts": hosts}}
-        project = Project(tmp_path, "static", cluster, prefix=prefix)
+        project = Project(tmp_path, "static", cluster, prefix=prefix, providers=STATIC)
         t0 = time.monotonic()
         project.run("up", "--yes", "--skip-preview", timeout=3600)
         t["up_total_s"] = round(time.monotonic() - t0, 1)
