@@ -33,6 +33,9 @@ class Machine:
     # depends on it: a replaced machine, blank again, gets all of its steps re-run, and no
     # other node's (a replacement keeps name, address and host key, so nothing else shows it).
     identity: pulumi.Input[str] = ""
+    # A cloud metadata service on the host's network that serves the machine's user_data
+    # (DigitalOcean: 169.254.169.254); pods are kept from reaching it.
+    metadata_address: str | None = None
     depends_on: list[pulumi.Resource] = field(default_factory=list)  # e.g. the VM
     # False when kubelab created the machine and destroys it whole: no remote clean-up needed.
     teardown: bool = False

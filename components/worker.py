@@ -34,6 +34,20 @@ class WorkerNode(pulumi.ComponentResource):
         super().__init__("kubelab:worker:WorkerNode", node.name, None, opts)
         v, net = cfg.versions, cfg.network
         ready = list(control_plane_ready)
+        self.steps: list[pulumi.Resource] = []
+
+        # 0. Where the platform has a metadata service holding the machine's secrets
+        #    (DigitalOcean user_data), pods may not reach it: in place before any pod runs.
+        first: list[pulumi.Resource] = []
+        metadata = host.machine.metadata_address
+        if metadata:
+            block = host.step("metadata-block", "scripts/install-service.sh.j2", StepSpec(
+                units=["kubelab-metadata-block"],
+                files=[File("/etc/systemd/system/kubelab-metadata-block.service", render(
+                    "systemd/kubelab-metadata-block.service.j2", pod_cidr=net.pod_cidr, metadata_address=metadata))],
+            ), parent=self, depends_on=ready)
+            first = [block]
+            self.steps.append(block)
 
         # 1. containerd, runc and the CNI plugins; preloaded images (pause, CoreDNS).
         self.containerd = host.step("containerd", "scripts/install-containerd.sh.j2", StepSpec(
@@ -54,7 +68,7 @@ class WorkerNode(pulumi.ComponentResource):
             remove=["/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/cni", "/var/lib/cni"],
             # containerd's KillMode=process leaves shims and containers running: stop them too.
             cleanup=["pkill -f '^/usr/local/bin/containerd-shim-runc-v2 '", "ip link delete cni0"],
-        ), parent=self, depends_on=ready)
+        ), parent=self, depends_on=[*ready, *first])
 
         # 2. kubelet: node client certificate (Node authorizer) and serving certificate.
         kubelet_kc = kubeconfig(cfg.name, api_server, pki.ca.cert, pki.kubelet_client[node.name], f"system:node:{node.name}")
@@ -88,5 +102,5 @@ class WorkerNode(pulumi.ComponentResource):
             checks=[Check("curl -s http://127.0.0.1:10256/healthz -o /dev/null")],
         ), parent=self, depends_on=[*ready, self.containerd])
 
-        self.steps = [self.containerd, self.kubelet, self.kube_proxy]
+        self.steps += [self.containerd, self.kubelet, self.kube_proxy]
         self.register_outputs({"node": node.name, "role": node.role})

@@ -213,7 +213,7 @@ def test_digitalocean_graph(config_for):
     assert counts["digitalocean:index/vpc:Vpc"] == 1
     assert counts["digitalocean:index/firewall:Firewall"] == 1
     assert counts["digitalocean:index/project:Project"] == 1
-    assert steps_of(g, "worker-1") == WORKER_STEPS
+    assert steps_of(g, "worker-1") == WORKER_STEPS | {"metadata-block"}
 
 
 def test_static_graph_tears_down_on_destroy(config_for):

@@ -85,9 +85,16 @@ def systemd_root(tmp_path_factory) -> Path:
 
 def test_units_pass_systemd_analyze_verify(lab_files, systemd_root):
     _, files = lab_files
+    verify_units(files, systemd_root)
+
+
+def verify_units(files: dict[str, dict[str, str]], systemd_root: Path) -> None:
+    """Every rendered unit of every node passes a real ``systemd-analyze verify``."""
+    import tempfile
+
     for node, node_files in files.items():
-        root = systemd_root / node
-        shutil.copytree(systemd_root, root, symlinks=True, ignore=shutil.ignore_patterns(*files.keys()))
+        root = Path(tempfile.mkdtemp(dir=systemd_root.parent, prefix=f"{node}-"))
+        shutil.copytree(systemd_root, root, symlinks=True, dirs_exist_ok=True)
         units = []
         for path, content in node_files.items():
             if path.endswith(".service"):
@@ -103,6 +110,23 @@ def test_units_pass_systemd_analyze_verify(lab_files, systemd_root):
         proc = subprocess.run(["systemd-analyze", "verify", f"--root={root}", *units],
                               capture_output=True, text=True, check=False)
         assert proc.returncode == 0 and not proc.stderr.strip(), f"{node}: {proc.stderr}"
+
+
+def test_digitalocean_pods_cannot_reach_the_metadata_service(module_cache, systemd_root):
+    """Droplet user_data holds the SSH host key and is served at 169.254.169.254: every
+    DigitalOcean node that runs pods drops pod traffic to it before containerd starts."""
+    g = run_program(base_config(module_cache, "digitalocean"))
+    files = shipped_files(g)
+    for node in ("worker-1", "worker-2"):
+        unit = files[node]["/etc/systemd/system/kubelab-metadata-block.service"]
+        assert "-t raw -I PREROUTING -s 10.200.0.0/16 -d 169.254.169.254/32 -j DROP" in unit
+        assert re.search(r"^Before=.*containerd\.service.*kubelet\.service", unit, re.M)
+        block, containerd = g.one(f"{node}-metadata-block"), g.one(f"{node}-containerd")
+        assert g.depends_on(containerd, block)
+    assert "/etc/systemd/system/kubelab-metadata-block.service" not in files["master-1"]  # runs no pods
+    verify_units({n: f for n, f in files.items() if n != "master-1"}, systemd_root)
+    lab = shipped_files(run_program(base_config(module_cache, "libvirt")))
+    assert not [n for n, f in lab.items() if "/etc/systemd/system/kubelab-metadata-block.service" in f]
 
 
 def test_units_restart_on_failure_and_order_explicitly(lab_files):

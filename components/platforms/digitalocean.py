@@ -111,9 +111,14 @@ class DigitalOceanCluster(pulumi.ComponentResource):
             private_key=cfg.ssh.private_key(),
             host_key=host_key,
             identity=droplet.id,
+            metadata_address=METADATA_ADDRESS,
             depends_on=[droplet],
         )
         return droplet, machine
+
+
+# Serves each droplet's user_data (which carries its SSH host private key) to the droplet.
+METADATA_ADDRESS = "169.254.169.254"
 
 
 def create_machines(cfg: ClusterConfig, parent: pulumi.Resource) -> Fleet:
