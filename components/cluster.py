@@ -15,6 +15,10 @@ from components.platforms import platform
 from components.worker import WorkerNode
 
 
+DESTROYING_MARK = "/var/lib/kubelab/cluster-destroying"
+DRAIN_TIMEOUT = "300s"
+
+
 class Cluster(pulumi.ComponentResource):
     """A Kubernetes cluster from release binaries on the configured platform.
 
@@ -61,12 +65,25 @@ class Cluster(pulumi.ComponentResource):
         # 7. Addons: CoreDNS (and the Dashboard when enabled).
         addons = Addons("addons", cfg, first, control_plane.ready, opts=child)
 
-        # 8. Done only when every node is Ready and the addons have rolled out.
+        # 8. A node removed from the stack is drained and its Node object deleted, from the
+        #    first master, before its machine goes (deleted before the node's own steps).
+        removals = [
+            first.step(f"remove-node-{w.node}", "scripts/node-registered.sh.j2", StepSpec(
+                context={"target": w.node},
+                on_delete=("scripts/remove-node.sh.j2", {"target": w.node, "marker": DESTROYING_MARK,
+                                                         "drain_timeout": DRAIN_TIMEOUT}),
+            ), parent=self, depends_on=[*w.steps, *control_plane.ready])
+            for w in workers if w.node != masters[0].name
+        ]
+
+        # 9. Done only when every node is Ready and the addons have rolled out. On destroy of
+        #    the whole cluster it goes first and marks it, so the removals above skip draining.
         self.ready = first.step("cluster-ready", "scripts/wait-cluster-ready.sh.j2", StepSpec(
             context={"expected_nodes": [n.name for n in cfg.workload_nodes], "tries": 180,
-                     "deployments": addons.deployments, "rollout_timeout": "600s"},
+                     "deployments": addons.deployments, "rollout_timeout": "600s", "marker": DESTROYING_MARK},
+            on_delete=("scripts/cluster-destroying.sh.j2", {"marker": DESTROYING_MARK}),
         ), parent=self, depends_on=[*[s for w in workers for s in w.steps], *pod_network.flanneld.values(),
-                                    *addons.steps], timeout="30m")
+                                    *addons.steps, *removals], timeout="30m")
 
         self.apiserver_url = pulumi.Output.concat("https://", fleet.api_endpoint, ":6443")
         self.kubeconfig = kubeconfig(cfg.name, self.apiserver_url, pki.ca.cert, pki.admin, "admin")

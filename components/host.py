@@ -78,6 +78,9 @@ class StepSpec:
     context: dict[str, object] = field(default_factory=dict)  # extra template variables
     remove: Sequence[str] = ()  # extra paths the teardown removes
     cleanup: Sequence[str] = ()  # best-effort teardown commands (kill leftovers, delete links)
+    # A delete script of its own (template, context) instead of the teardown: for steps whose
+    # removal means more than removing files, on every platform (a node leaving the cluster).
+    on_delete: tuple[str, dict[str, object]] | None = None
 
 
 def as_root(script: str, user: str) -> str:
@@ -179,7 +182,10 @@ class HostAccess(pulumi.ComponentResource):
             stdin = pulumi.Output.secret(
                 pulumi.Output.all(*[f.content for f in spec.secret_files]).apply(secrets_payload))
         delete = None
-        if machine.teardown:
+        if spec.on_delete:
+            template_del, ctx = spec.on_delete
+            delete = as_root(render(template_del, node=machine.name, step=name, **ctx), machine.user)
+        elif machine.teardown:
             paths = [f.path for f in spec.files] + [f.path for f in spec.secret_files]
             paths += [b.dest for b in spec.binaries] + [p for p, _ in spec.dirs] + list(spec.remove)
             delete = as_root(render("scripts/teardown.sh.j2", node=machine.name, step=name, units=list(spec.units),

@@ -32,6 +32,7 @@ class WorkerNode(pulumi.ComponentResource):
                  api_server: pulumi.Input[str], control_plane_ready: Sequence[pulumi.Resource],
                  flanneld: pulumi.Resource, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kubelab:worker:WorkerNode", node.name, None, opts)
+        self.node = node.name
         v, net = cfg.versions, cfg.network
         ready = list(control_plane_ready)
         self.steps: list[pulumi.Resource] = []

@@ -19,7 +19,8 @@ COPY = "command:remote:CopyToRemote"
 SECRET_SIG = "4dabf18193072939515e22adb298388d"
 
 MASTER_STEPS_1_2 = {"wait-for-ssh", "etcd", "flannel-network-config", "kube-apiserver", "rbac-apiserver-to-kubelet",
-                    "kube-controller-manager", "kube-scheduler", "flanneld", "addon-coredns", "cluster-ready"}
+                    "kube-controller-manager", "kube-scheduler", "flanneld", "addon-coredns", "cluster-ready",
+                    "remove-node-worker-1", "remove-node-worker-2"}
 WORKER_STEPS = {"wait-for-ssh", "flanneld", "containerd", "kubelet", "kube-proxy"}
 MASTER_UPLOADS = {"bin-etcd", "bin-etcdctl", "bin-kube-apiserver", "bin-kubectl", "bin-kube-controller-manager",
                   "bin-kube-scheduler", "bin-flanneld"}
@@ -78,6 +79,28 @@ def test_per_role_resource_sets_seed_000_master_is_also_a_node(seed000):
     # cluster-wide steps run once, on the first master
     assert {"cluster-ready", "addon-coredns", "flannel-network-config"} <= steps_of(seed000, "master-1")
     assert "cluster-ready" not in steps_of(seed000, "master-2")
+    # the other masters that run pods leave through the same drain-and-delete step
+    assert {"remove-node-master-2", "remove-node-master-3"} <= steps_of(seed000, "master-1")
+    assert "remove-node-master-1" not in steps_of(seed000, "master-1")
+
+
+def test_a_removed_worker_is_drained_and_deleted_before_its_machine_goes(lab):
+    """Scale-down: Pulumi deletes in reverse dependency order, so the removal step (on the
+    first master) depends on the node's steps and its machine; cluster-ready depends on it,
+    so on a destroy of the whole cluster cluster-ready's delete goes first and marks it."""
+    for node in ("worker-1", "worker-2"):
+        removal = lab.one(f"master-1-remove-node-{node}")
+        assert lab.depends_on(removal, lab.one(f"{node}-kubelet"))
+        assert lab.depends_on(removal, lab.one(node, "libvirt:index/domain:Domain"))
+        assert lab.depends_on(removal, lab.one("master-1-kube-apiserver"))
+        delete = removal.inputs["delete"]
+        assert f"kubectl drain {node} --ignore-daemonsets --delete-emptydir-data --force --timeout=300s" in delete
+        assert f"kubectl delete node {node} --wait=true" in delete
+        assert "if [ -e /var/lib/kubelab/cluster-destroying ]" in delete
+        assert lab.depends_on(lab.one("master-1-cluster-ready"), removal)
+    ready = lab.one("master-1-cluster-ready")
+    assert "touch /var/lib/kubelab/cluster-destroying" in ready.inputs["delete"]
+    assert "rm -f /var/lib/kubelab/cluster-destroying" in ready.inputs["create"]
 
 
 @pytest.mark.parametrize("graph", ["lab", "seed000"])
