@@ -14,7 +14,6 @@ from components.pki import ClusterPki, kubeconfig
 from components.platforms import platform
 from components.worker import WorkerNode
 
-
 DESTROYING_MARK = "/var/lib/kubelab/cluster-destroying"
 DRAIN_TIMEOUT = "300s"
 

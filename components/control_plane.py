@@ -56,14 +56,30 @@ class ControlPlane(pulumi.ComponentResource):
             ), parent=self, timeout="30m")
         etcd_all = list(self.etcd.values())
 
-        # 2. The flannel network config, written into etcd once (seed 000/001's etcd prefix).
+        # 2. etcd authentication: every client is its certificate's CN, with least privilege
+        #    (flannel's key, on every node, reaches only flannel's prefix, not the cluster's Secrets).
+        prefix = net.etcd_prefix.rstrip("/") + "/"
+        self.etcd_auth = first.step("etcd-auth", "scripts/etcd-auth.sh.j2", StepSpec(
+            files=[File("/etc/etcd/pki/root-client.crt", pki.etcd_root_client.cert)],
+            secret_files=[SecretFile("/etc/etcd/pki/root-client.key", pki.etcd_root_client.key)],
+            context={
+                "roles": [{"name": "flannel", "permissions": [{"access": "readwrite", "key": prefix, "prefix": True}]},
+                          {"name": "kube-etcd-healthcheck", "permissions": [{"access": "read", "key": "health", "prefix": False}]}],
+                "users": [{"name": "kube-apiserver-etcd-client", "role": "root"},
+                          {"name": "flannel", "role": "flannel"},
+                          {"name": "kube-etcd-healthcheck-client", "role": "kube-etcd-healthcheck"}],
+            },
+        ), parent=self, depends_on=etcd_all)
+        etcd_all = [*etcd_all, self.etcd_auth]
+
+        # 3. The flannel network config, written into etcd once (seed 000/001's etcd prefix).
         self.flannel_config = first.step("flannel-network-config", "scripts/write-flannel-config.sh.j2", StepSpec(
             context={"network_config": render("config/flannel-network.json.j2", pod_cidr=net.pod_cidr,
                                               backend=net.flannel_backend).strip(),
                      "etcd_prefix": net.etcd_prefix},
         ), parent=self, depends_on=etcd_all)
 
-        # 3. kube-apiserver on every master, once all etcd members are healthy.
+        # 4. kube-apiserver on every master, once all etcd members are healthy.
         admin_local = kubeconfig(cfg.name, LOCAL_API, pki.ca.cert, pki.admin, "admin")
         encryption = pulumi.Output.secret(pki.encryption_key.apply(
             lambda k: render("config/encryption-config.yaml.j2", key=k)))
@@ -101,12 +117,12 @@ class ControlPlane(pulumi.ComponentResource):
             ), parent=self, depends_on=etcd_all)
         api_all = list(self.apiserver.values())
 
-        # 4. Let the API server reach kubelets (logs, exec, port-forward) under RBAC.
+        # 5. Let the API server reach kubelets (logs, exec, port-forward) under RBAC.
         self.apiserver_to_kubelet = first.step("rbac-apiserver-to-kubelet", "scripts/kubectl-apply.sh.j2", StepSpec(
             context={"manifest": render("addons/apiserver-to-kubelet-rbac.yaml.j2", user="kube-apiserver")},
         ), parent=self, depends_on=api_all)
 
-        # 5. controller-manager and scheduler on every master, after its API server.
+        # 6. controller-manager and scheduler on every master, after its API server.
         self.controller_manager, self.scheduler = {}, {}
         for m in masters:
             n = m.machine.name

@@ -71,6 +71,8 @@ class ClusterPki(pulumi.ComponentResource):
         self.etcd_healthcheck = self._leaf("etcd-healthcheck-client", self.etcd_ca, "kube-etcd-healthcheck-client", None, CLIENT)
         self.apiserver_etcd_client = self._leaf("apiserver-etcd-client", self.etcd_ca, "kube-apiserver-etcd-client", None, CLIENT)
         self.flannel_etcd_client = self._leaf("flannel-etcd-client", self.etcd_ca, "flannel", None, CLIENT)
+        # kubelab's own etcd admin (etcd user "root"): enables auth, writes flannel's config.
+        self.etcd_root_client = self._leaf("etcd-root-client", self.etcd_ca, "root", None, CLIENT)
 
         # Control plane.
         domain = cfg.network.cluster_domain

@@ -47,7 +47,7 @@ def test_libvirt_preview_against_real_libvirtd(tmp_path, lab_daemons):
     assert types["libvirt:index/volume:Volume"] == 4
     assert types["libvirt:index/cloudInitDisk:CloudInitDisk"] == 3
     assert types["libvirt:index/network:Network"] == 1
-    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 16
+    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 17
     assert types["command:remote:Command"] == 22  # 20 install steps + a remove-node step per worker
     assert types["command:remote:CopyToRemote"] == 7 + 14 + 14
     names = {s["name"] for s in steps}
@@ -82,7 +82,7 @@ def test_static_hosts_preview_offline(tmp_path):
     types = count_by_type(steps)
     assert not [t for t in types if t.startswith(("libvirt:", "digitalocean:"))], types
     assert types["command:remote:Command"] == 22
-    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 16
+    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 17
     names = {s["name"] for s in steps}
     assert {"svr001-wait-for-ssh", "svr001-etcd", "svr002-kubelet", "svr003-kubelet", "svr001-cluster-ready"} <= names
 

@@ -18,7 +18,7 @@ CMD = "command:remote:Command"
 COPY = "command:remote:CopyToRemote"
 SECRET_SIG = "4dabf18193072939515e22adb298388d"
 
-MASTER_STEPS_1_2 = {"wait-for-ssh", "etcd", "flannel-network-config", "kube-apiserver", "rbac-apiserver-to-kubelet",
+MASTER_STEPS_1_2 = {"wait-for-ssh", "etcd", "etcd-auth", "flannel-network-config", "kube-apiserver", "rbac-apiserver-to-kubelet",
                     "kube-controller-manager", "kube-scheduler", "flanneld", "addon-coredns", "cluster-ready",
                     "remove-node-worker-1", "remove-node-worker-2"}
 WORKER_STEPS = {"wait-for-ssh", "flanneld", "containerd", "kubelet", "kube-proxy"}
@@ -82,6 +82,23 @@ def test_per_role_resource_sets_seed_000_master_is_also_a_node(seed000):
     # the other masters that run pods leave through the same drain-and-delete step
     assert {"remove-node-master-2", "remove-node-master-3"} <= steps_of(seed000, "master-1")
     assert "remove-node-master-1" not in steps_of(seed000, "master-1")
+
+
+def test_etcd_auth_least_privilege_before_any_client_uses_etcd(lab):
+    """flannel's etcd key sits on every node: with etcd auth on, it reaches only flannel's
+    prefix. Auth is set up after every member is healthy, before flannel or the API server."""
+    auth = lab.one("master-1-etcd-auth")
+    assert lab.depends_on(auth, lab.one("master-1-etcd"))
+    for later in ("master-1-flannel-network-config", "master-1-kube-apiserver", "worker-1-flanneld"):
+        assert lab.depends_on(lab.one(later), auth), later
+    script = auth.inputs["create"]
+    assert "etcdctl role grant-permission flannel --prefix=true readwrite /coreos.com/network/" in script
+    assert "ensure_user kube-apiserver-etcd-client root" in script
+    assert "ensure_user flannel flannel" in script
+    assert "ensure_user kube-etcd-healthcheck-client kube-etcd-healthcheck" in script
+    assert "etcdctl role grant-permission kube-etcd-healthcheck read health" in script
+    assert "etcdctl auth enable" in script
+    assert "root-client.crt" in lab.one("master-1-flannel-network-config").inputs["create"]
 
 
 def test_a_removed_worker_is_drained_and_deleted_before_its_machine_goes(lab):
