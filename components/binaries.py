@@ -34,7 +34,9 @@ CONTROL_PLANE_FILES = ("bin/etcd", "bin/etcdctl", "bin/kube-apiserver", "bin/kub
 NETWORK_FILES = ("bin/flanneld",)
 WORKER_FILES = ("bin/containerd", "bin/ctr", "bin/containerd-shim-runc-v2", "bin/runc", "cni/bridge",
                 "cni/host-local", "cni/loopback", "cni/portmap", "cni/flannel", "bin/kubelet", "bin/kube-proxy")
-IMAGE_FILES = ("images/pause.tar", "images/coredns.tar")
+IMAGE_FILES = ("images/pause.tar", "images/coredns.tar", "images/metrics-server.tar")
+# The addon whose image each archive carries (preloaded only when that addon is on).
+IMAGE_ADDON = {"images/coredns.tar": "coredns", "images/metrics-server.tar": "metrics_server"}
 ALL_FILES = CONTROL_PLANE_FILES + NETWORK_FILES + WORKER_FILES
 
 

@@ -12,7 +12,7 @@ from components.host import HostAccess, StepSpec
 from components.network import PodNetwork
 from components.pki import ClusterPki, kubeconfig
 from components.platforms import platform
-from components.worker import WorkerNode
+from components.worker import ServiceProxy, WorkerNode
 
 DESTROYING_MARK = "/var/lib/kubelab/cluster-destroying"
 DRAIN_TIMEOUT = "300s"
@@ -61,10 +61,18 @@ class Cluster(pulumi.ComponentResource):
             for n in cfg.workload_nodes
         ]
 
-        # 7. Addons: CoreDNS (and the Dashboard when enabled).
-        addons = Addons("addons", cfg, first, control_plane.ready, opts=child)
+        # 7. Masters that run no pods still run kube-proxy: the API server and the host reach
+        #    Services (webhooks, aggregated APIs) like every other node.
+        proxies = [
+            ServiceProxy(cfg, hosts[n.name], pki, api_internal,
+                         [*control_plane.ready, pod_network.flanneld[n.name]], opts=child)
+            for n in cfg.master_nodes if not n.runs_workloads
+        ]
 
-        # 8. A node removed from the stack is drained and its Node object deleted, from the
+        # 8. Addons: CoreDNS, metrics-server (and the Dashboard when enabled).
+        addons = Addons("addons", cfg, first, pki, control_plane.ready, opts=child)
+
+        # 9. A node removed from the stack is drained and its Node object deleted, from the
         #    first master, before its machine goes (deleted before the node's own steps).
         removals = [
             first.step(f"remove-node-{w.node}", "scripts/node-registered.sh.j2", StepSpec(
@@ -75,14 +83,15 @@ class Cluster(pulumi.ComponentResource):
             for w in workers if w.node != masters[0].name
         ]
 
-        # 9. Done only when every node is Ready and the addons have rolled out. On destroy of
+        # 10. Done only when every node is Ready and the addons have rolled out. On destroy of
         #    the whole cluster it goes first and marks it, so the removals above skip draining.
         self.ready = first.step("cluster-ready", "scripts/wait-cluster-ready.sh.j2", StepSpec(
             context={"expected_nodes": [n.name for n in cfg.workload_nodes], "tries": 180,
-                     "deployments": addons.deployments, "rollout_timeout": "600s", "marker": DESTROYING_MARK},
+                     "deployments": addons.deployments, "apiservices": addons.apiservices,
+                     "rollout_timeout": "600s", "marker": DESTROYING_MARK},
             on_delete=("scripts/cluster-destroying.sh.j2", {"marker": DESTROYING_MARK}),
         ), parent=self, depends_on=[*[s for w in workers for s in w.steps], *pod_network.flanneld.values(),
-                                    *addons.steps, *removals], timeout="30m")
+                                    *addons.steps, *removals, *[p.kube_proxy for p in proxies]], timeout="30m")
 
         self.apiserver_url = pulumi.Output.concat("https://", fleet.api_endpoint, ":6443")
         self.kubeconfig = kubeconfig(cfg.name, self.apiserver_url, pki.ca.cert, pki.admin, "admin")

@@ -19,7 +19,7 @@ from components.versions import bundle_key, cache_root, load_versions
 
 PLATFORMS = ("libvirt", "digitalocean", "static")
 FLANNEL_BACKENDS = ("vxlan", "host-gw", "wireguard")
-ADDONS = ("coredns", "dashboard")
+ADDONS = ("coredns", "metrics_server", "dashboard")
 BINARY_SOURCES = ("download", "directory")
 ROLES = ("master", "worker")
 
@@ -540,7 +540,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
         mirrors[str(host)] = tuple(str(u).rstrip("/") for u in urls)
 
     addons_raw = r.section(raw, "addons", "cluster")
-    addons = {"coredns": True, "dashboard": False}
+    addons = {"coredns": True, "metrics_server": True, "dashboard": False}
     for key, value in addons_raw.items():
         if key not in ADDONS:
             problems.append(f"addons.{key}: unknown addon; available: {', '.join(ADDONS)}")

@@ -90,6 +90,11 @@ class ClusterPki(pulumi.ComponentResource):
         self.admin = self._leaf("admin", self.ca, "admin", "system:masters", CLIENT)
         self.kube_proxy = self._leaf("kube-proxy", self.ca, "system:kube-proxy", "system:node-proxier", CLIENT)
         self.front_proxy_client = self._leaf("front-proxy-client", self.front_proxy_ca, "front-proxy-client", None, CLIENT)
+        # metrics-server's serving certificate: the APIService trusts the cluster CA (no
+        # insecureSkipTLSVerify), the API server dials it by its Service name.
+        svc = "metrics-server.kube-system.svc"
+        self.metrics_server = self._leaf("metrics-server-serving", self.ca, svc, None, SERVER,
+                                         dns=[svc, f"{svc}.{cfg.network.cluster_domain}"])
 
         # Per node: a client certificate for the Node authorizer and a serving certificate.
         self.kubelet_client: dict[str, KeyPair] = {}

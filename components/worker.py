@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pulumi
 
+from components.binaries import IMAGE_ADDON
 from components.config import ClusterConfig, NodeSpec
 from components.host import Binary, Check, File, HostAccess, SecretFile, StepSpec
 from components.pki import ClusterPki, kubeconfig
@@ -23,6 +24,34 @@ def registry_files(cfg: ClusterConfig) -> list[File]:
             upstream=UPSTREAMS.get(registry, f"https://{registry}")))
         for registry, urls in sorted(cfg.registry_mirrors.items())
     ]
+
+
+def kube_proxy_step(cfg: ClusterConfig, host: HostAccess, pki: ClusterPki, api_server: pulumi.Input[str],
+                    parent: pulumi.Resource, depends_on: Sequence[pulumi.Resource]) -> pulumi.Resource:
+    """kube-proxy (iptables mode) on one host: ClusterIPs answer there, pods or not."""
+    name = host.machine.name
+    proxy_kc = kubeconfig(cfg.name, api_server, pki.ca.cert, pki.kube_proxy, "system:kube-proxy")
+    return host.step("kube-proxy", "scripts/install-service.sh.j2", StepSpec(
+        units=["kube-proxy"],
+        binaries=[Binary("bin/kube-proxy", "/usr/local/bin/kube-proxy")],
+        dirs=[("/var/lib/kube-proxy", "0700")],
+        files=[File("/etc/systemd/system/kube-proxy.service", render("systemd/kube-proxy.service.j2", name=name)),
+               File("/var/lib/kube-proxy/config.yaml", render("config/kube-proxy-config.yaml.j2", pod_cidr=cfg.network.pod_cidr))],
+        secret_files=[SecretFile("/var/lib/kube-proxy/kubeconfig", proxy_kc)],
+        checks=[Check("curl -s http://127.0.0.1:10256/healthz -o /dev/null")],
+    ), parent=parent, depends_on=depends_on)
+
+
+class ServiceProxy(pulumi.ComponentResource):
+    """kube-proxy on a master that runs no pods (no kubelet): the control plane and the host
+    reach Services there as on every other node (kubeadm, kubespray and Typhoon control
+    planes all run it), while the master still takes no pods."""
+
+    def __init__(self, cfg: ClusterConfig, host: HostAccess, pki: ClusterPki, api_server: pulumi.Input[str],
+                 depends_on: Sequence[pulumi.Resource], opts: pulumi.ResourceOptions | None = None):
+        super().__init__("kubelab:node:ServiceProxy", host.machine.name, None, opts)
+        self.kube_proxy = kube_proxy_step(cfg, host, pki, api_server, self, depends_on)
+        self.register_outputs({"node": host.machine.name})
 
 
 class WorkerNode(pulumi.ComponentResource):
@@ -58,7 +87,7 @@ class WorkerNode(pulumi.ComponentResource):
                       Binary("bin/ctr", "/usr/local/bin/ctr"),
                       Binary("bin/runc", "/usr/local/bin/runc"),
                       *[Binary(f"cni/{p}", f"/opt/cni/bin/{p}") for p in CNI_PLUGINS]],
-            images=list(host.bundle.images),
+            images=[i for i in host.bundle.images if cfg.addons.get(IMAGE_ADDON.get(i, ""), True)],
             dirs=[("/etc/cni/net.d", "0755"), ("/var/lib/containerd", "0711")],
             files=[File("/etc/systemd/system/containerd.service", render("systemd/containerd.service.j2")),
                    File("/etc/containerd/config.toml", render(
@@ -92,16 +121,7 @@ class WorkerNode(pulumi.ComponentResource):
         ), parent=self, depends_on=[*ready, self.containerd, flanneld])
 
         # 3. kube-proxy (iptables mode).
-        proxy_kc = kubeconfig(cfg.name, api_server, pki.ca.cert, pki.kube_proxy, "system:kube-proxy")
-        self.kube_proxy = host.step("kube-proxy", "scripts/install-service.sh.j2", StepSpec(
-            units=["kube-proxy"],
-            binaries=[Binary("bin/kube-proxy", "/usr/local/bin/kube-proxy")],
-            dirs=[("/var/lib/kube-proxy", "0700")],
-            files=[File("/etc/systemd/system/kube-proxy.service", render("systemd/kube-proxy.service.j2", name=node.name)),
-                   File("/var/lib/kube-proxy/config.yaml", render("config/kube-proxy-config.yaml.j2", pod_cidr=net.pod_cidr))],
-            secret_files=[SecretFile("/var/lib/kube-proxy/kubeconfig", proxy_kc)],
-            checks=[Check("curl -s http://127.0.0.1:10256/healthz -o /dev/null")],
-        ), parent=self, depends_on=[*ready, self.containerd])
+        self.kube_proxy = kube_proxy_step(cfg, host, pki, api_server, self, [*ready, self.containerd])
 
         self.steps += [self.containerd, self.kubelet, self.kube_proxy]
         self.register_outputs({"node": node.name, "role": node.role})

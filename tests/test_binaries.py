@@ -20,7 +20,7 @@ VERSIONS = load_versions()["node"]
 def test_directory_bundle_verifies(tmp_path):
     b = open_directory(make_bundle(tmp_path / "b", VERSIONS), VERSIONS)
     assert b.get("bin/kubelet").path == tmp_path / "b/bin/kubelet"
-    assert b.images == ("images/pause.tar", "images/coredns.tar")
+    assert b.images == ("images/pause.tar", "images/coredns.tar", "images/metrics-server.tar")
 
 
 def test_directory_bundle_missing_file_is_named(tmp_path):

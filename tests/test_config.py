@@ -21,7 +21,7 @@ def test_valid_lab_config_parses_with_defaults(config_for):
     assert cfg.network.cluster_dns == "10.32.0.10"
     assert cfg.network.flannel_backend == "vxlan"
     assert cfg.versions["kubernetes"] == "1.36.4"
-    assert cfg.addons == {"coredns": True, "dashboard": False}
+    assert cfg.addons == {"coredns": True, "metrics_server": True, "dashboard": False}
     assert [n.name for n in cfg.workload_nodes] == ["worker-1", "worker-2"]
     assert (cfg.pod_security.enforce, cfg.pod_security.warn) == ("baseline", "restricted")
 
@@ -86,7 +86,7 @@ CASES = [
     ("address-outside-node-cidr", lambda r: r.update(workers={"nodes": [{"name": "a", "address": "10.9.9.9"}]}),
      ["node a", "outside network.node_cidr 10.240.0.0/24"]),
     ("unknown-addon", lambda r: r.update(addons={"istio": True}),
-     ["addons.istio", "unknown addon", "coredns, dashboard"]),
+     ["addons.istio", "unknown addon", "coredns, metrics_server, dashboard"]),
     ("count-vs-nodes", lambda r: r.update(workers={"count": 3, "nodes": [{"name": "a"}]}),
      ["workers.count", "disagrees"]),
     ("no-workload-nodes", lambda r: r.update(workers={"count": 0}),

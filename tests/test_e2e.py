@@ -214,6 +214,11 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
 
         verify_cluster(in_ns, kubeconfig, kubectl_bin, nodes_cfg, api, prerequisites, tmp_path, raw["network"]["service_cidr"])
         verify_security(in_ns, kubeconfig, kubectl_bin, nodes_cfg[0]["address"], prerequisites["key"], raw["network"]["etcd_prefix"])
+        t["checks"] = {}
+        try:
+            verify_control_plane_reaches_services(in_ns, kubeconfig, kubectl_bin, nodes_cfg, tmp_path, t["checks"])
+        finally:
+            t.save()
 
         # --- no-op: preview and a second up change and upload nothing ------------------------
         t0 = time.monotonic()
@@ -394,6 +399,100 @@ def verify_security(in_ns, kubeconfig: Path, kubectl_bin: str, master: str, key:
 
     assert marker not in audit and b64.b64encode(marker.encode()).decode() not in audit, "a Secret's data is in the audit log"
     log("audit log records the Secret's metadata, not its data")
+
+
+WEBHOOK_NS = "e2e-webhook"
+
+
+def verify_control_plane_reaches_services(in_ns, kubeconfig: Path, kubectl_bin: str, nodes_cfg: list[dict],
+                                          tmp: Path, checks: dict[str, bool]) -> None:
+    """The API server reaches Services: a validating webhook behind a Service (its own CA), the
+    metrics.k8s.io aggregated API (metrics-server), and ``kubectl top nodes``. Each result is a
+    named boolean in ``checks``; a failure names the piece that failed and shows its state."""
+
+    def kubectl(*args: str, check: bool = True, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        proc = in_ns(kubectl_bin, "--kubeconfig", str(kubeconfig), *args, check=False, timeout=timeout, input=input)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)}: {proc.stderr}{proc.stdout}")
+        return proc
+
+    def state(*cmds: tuple[str, ...]) -> str:
+        return "\n".join(f"$ kubectl {' '.join(c)}\n{(p := kubectl(*c, check=False)).stdout}{p.stderr}" for c in cmds)
+
+    # --- a validating webhook behind a Service, TLS from its own CA -------------------------
+    svc = "netcheck-webhook"
+    dns = f"{svc}.{WEBHOOK_NS}.svc"
+    openssl = ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    subprocess.run([*openssl, "-x509", "-days", "2", "-keyout", str(tmp / "wh-ca.key"), "-out", str(tmp / "wh-ca.crt"),
+                    "-subj", "/CN=kubelab-e2e-webhook-ca"], check=True, capture_output=True)
+    subprocess.run([*openssl, "-keyout", str(tmp / "wh.key"), "-out", str(tmp / "wh.csr"), "-subj", f"/CN={dns}"],
+                   check=True, capture_output=True)
+    (tmp / "wh.ext").write_text(f"subjectAltName=DNS:{dns}\nextendedKeyUsage=serverAuth\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", str(tmp / "wh.csr"), "-CA", str(tmp / "wh-ca.crt"), "-CAkey",
+                    str(tmp / "wh-ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(tmp / "wh.ext"),
+                    "-out", str(tmp / "wh.crt")], check=True, capture_output=True)
+    kubectl("create", "namespace", WEBHOOK_NS)
+    kubectl("label", "namespace", WEBHOOK_NS, "kubelab.io/e2e=webhook")
+    kubectl("-n", WEBHOOK_NS, "create", "secret", "tls", "webhook-tls", "--cert", str(tmp / "wh.crt"), "--key", str(tmp / "wh.key"))
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": svc, "namespace": WEBHOOK_NS, "labels": {"app": svc}},
+         "spec": {"containers": [{"name": "webhook", "image": "kubelab.local/netcheck:e2e", "imagePullPolicy": "Never",
+                                  "args": ["webhook", "/tls/tls.crt", "/tls/tls.key"], "ports": [{"containerPort": 8443}],
+                                  "readinessProbe": {"tcpSocket": {"port": 8443}},
+                                  "volumeMounts": [{"name": "tls", "mountPath": "/tls", "readOnly": True}]}],
+                  "volumes": [{"name": "tls", "secret": {"secretName": "webhook-tls"}}]}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": svc, "namespace": WEBHOOK_NS},
+         "spec": {"selector": {"app": svc}, "ports": [{"port": 443, "targetPort": 8443}]}}]))
+    kubectl("-n", WEBHOOK_NS, "wait", "--for=condition=Ready", f"pod/{svc}", "--timeout=300s", timeout=330)
+    import base64 as b64
+
+    kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": "kubelab-e2e-deny-labelled"},
+        "webhooks": [{"name": "deny-labelled.kubelab.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                      "failurePolicy": "Fail", "timeoutSeconds": 10,
+                      "namespaceSelector": {"matchLabels": {"kubelab.io/e2e": "webhook"}},
+                      "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["configmaps"]}],
+                      "clientConfig": {"service": {"name": svc, "namespace": WEBHOOK_NS, "path": "/validate", "port": 443},
+                                       "caBundle": b64.b64encode((tmp / "wh-ca.crt").read_bytes()).decode()}}]}))
+    denied = allowed = None
+    for attempt in range(20):  # the webhook configuration reaches the API server's cache in a few seconds
+        cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"labelled-{attempt}", "namespace": WEBHOOK_NS,
+                                                                      "labels": {"kubelab.io/deny": "true"}}}
+        denied = kubectl("create", "-f", "-", check=False, input=yaml.safe_dump(cm))
+        if denied.returncode != 0 and "netcheck webhook denies" in denied.stderr:
+            break
+        time.sleep(3)
+    allowed = kubectl("-n", WEBHOOK_NS, "create", "configmap", "unlabelled", "--from-literal=a=b", check=False)
+    checks["webhook"] = bool(denied is not None and denied.returncode != 0 and "netcheck webhook denies" in denied.stderr
+                             and allowed.returncode == 0)
+    assert checks["webhook"], (
+        f"webhook: labelled ConfigMap -> {denied.stderr if denied else ''}{denied.stdout if denied else ''}; "
+        f"unlabelled -> {allowed.stderr}\nthe webhook Service and its pod:\n"
+        + state(("-n", WEBHOOK_NS, "get", "svc,endpointslices,pods", "-o", "wide"), ("-n", WEBHOOK_NS, "logs", svc, "--tail=30")))
+    log("validating webhook behind a Service: labelled ConfigMap denied, unlabelled admitted")
+
+    # --- the metrics.k8s.io aggregated API and kubectl top ----------------------------------
+    workload = sorted(n["name"] for n in nodes_cfg if n["runs_workloads"])
+    got: list[str] = []
+    proc = None
+    for _ in range(60):  # metrics-server has a node's first sample after one scrape (15 s)
+        proc = kubectl("get", "--raw", "/apis/metrics.k8s.io/v1beta1/nodes", check=False)
+        if proc.returncode == 0:
+            got = sorted(i["metadata"]["name"] for i in json.loads(proc.stdout).get("items", []))
+            if got == workload:
+                break
+        time.sleep(5)
+    checks["aggregated_api"] = got == workload
+    why = state(("get", "apiservice", "v1beta1.metrics.k8s.io", "-o", "jsonpath={.status.conditions}"),
+                ("-n", "kube-system", "get", "pods", "-l", "app.kubernetes.io/name=metrics-server", "-o", "wide"),
+                ("-n", "kube-system", "logs", "deployment/metrics-server", "--tail=30"))
+    assert checks["aggregated_api"], f"aggregated API: nodes {got}, want {workload}; {proc.stderr if proc else ''}\n{why}"
+    top = kubectl("top", "nodes", "--no-headers", check=False)
+    listed = sorted(line.split()[0] for line in top.stdout.splitlines() if line.strip())
+    checks["kubectl_top"] = top.returncode == 0 and listed == workload
+    assert checks["kubectl_top"], f"kubectl top nodes: {top.stdout}{top.stderr}\n{why}"
+    log(f"metrics.k8s.io answers through the API server; kubectl top nodes lists {listed}")
 
 
 def _nodes(raw: dict) -> list[dict]:

@@ -19,14 +19,15 @@ COPY = "command:remote:CopyToRemote"
 SECRET_SIG = "4dabf18193072939515e22adb298388d"
 
 MASTER_STEPS_1_2 = {"wait-for-ssh", "etcd", "etcd-auth", "flannel-network-config", "kube-apiserver", "rbac-apiserver-to-kubelet",
-                    "kube-controller-manager", "kube-scheduler", "flanneld", "addon-coredns", "cluster-ready",
+                    "kube-controller-manager", "kube-scheduler", "flanneld", "kube-proxy", "addon-coredns",
+                    "addon-metrics-server", "cluster-ready",
                     "remove-node-worker-1", "remove-node-worker-2"}
 WORKER_STEPS = {"wait-for-ssh", "flanneld", "containerd", "kubelet", "kube-proxy"}
 MASTER_UPLOADS = {"bin-etcd", "bin-etcdctl", "bin-kube-apiserver", "bin-kubectl", "bin-kube-controller-manager",
-                  "bin-kube-scheduler", "bin-flanneld"}
+                  "bin-kube-scheduler", "bin-flanneld", "bin-kube-proxy"}
 WORKER_UPLOADS = {"bin-flanneld", "bin-containerd", "bin-ctr", "bin-containerd-shim-runc-v2", "bin-runc", "cni-bridge",
                   "cni-host-local", "cni-loopback", "cni-portmap", "cni-flannel", "bin-kubelet", "bin-kube-proxy",
-                  "images-pause.tar", "images-coredns.tar"}
+                  "images-pause.tar", "images-coredns.tar", "images-metrics-server.tar"}
 
 
 @pytest.fixture(scope="module")

@@ -66,8 +66,9 @@ def lab_files(module_cache) -> tuple[Graph, dict[str, dict[str, str]]]:
 def test_each_node_gets_its_units(lab_files):
     _, files = lab_files
     units = {node: sorted(Path(p).name for p in f if p.endswith(".service")) for node, f in files.items()}
+    # kube-proxy on the master too (Services reachable from the control plane), but no kubelet
     assert units["master-1"] == ["etcd.service", "flanneld.service", "kube-apiserver.service",
-                                 "kube-controller-manager.service", "kube-scheduler.service"]
+                                 "kube-controller-manager.service", "kube-proxy.service", "kube-scheduler.service"]
     for w in ("worker-1", "worker-2"):
         assert units[w] == ["containerd.service", "flanneld.service", "kube-proxy.service", "kubelet.service"]
 
@@ -317,3 +318,41 @@ def test_a_unit_that_will_not_start_reports_node_step_and_journal(tmp_path):
     assert "----- journalctl -u kubelet -n 50 (node worker-1) -----" in proc.stderr
     assert "JOURNAL-TAIL-OF-kubelet: kubelet: unknown flag --bogus" in proc.stderr
     assert "STATUS-OF-kubelet" in proc.stderr
+
+
+def test_control_plane_reaches_services_and_metrics_server_tls_is_verified(lab_files):
+    """Aggregator routing (the API server dials endpoints, not ClusterIPs) and kube-proxy on the
+    master; metrics-server registered with the cluster CA pinned, verifying kubelets, its key
+    only ever on stdin."""
+    g, files = lab_files
+    master = files["master-1"]
+    assert "--enable-aggregator-routing=true" in master["/etc/systemd/system/kube-apiserver.service"]
+    assert "/etc/systemd/system/kube-proxy.service" in master
+    assert "/etc/systemd/system/kubelet.service" not in master  # still no pods on a dedicated master
+    docs = list(yaml.safe_load_all(master["/etc/kubernetes/addons/metrics-server.yaml"]))
+    api = next(d for d in docs if d["kind"] == "APIService")
+    assert api["spec"]["service"] == {"name": "metrics-server", "namespace": "kube-system", "port": 443}
+    assert "insecureSkipTLSVerify" not in api["spec"]
+    assert "BEGIN CERTIFICATE" in base64.b64decode(api["spec"]["caBundle"]).decode()
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--kubelet-certificate-authority=/etc/metrics-server/kubelet-ca/ca.crt" in args
+    assert not [a for a in args if "insecure" in a]
+    tls_secret = yaml.safe_load(master["/etc/kubernetes/addons/metrics-server-tls.yaml"])
+    assert tls_secret["type"] == "kubernetes.io/tls" and tls_secret["data"]["tls.key"]
+    step = g.one("master-1-addon-metrics-server")
+    assert "PRIVATE KEY" not in step.inputs["create"]
+    ready = g.one("master-1-cluster-ready").inputs["create"]
+    assert "kubectl wait --for=condition=Available apiservice/v1beta1.metrics.k8s.io" in ready
+    assert "kubectl -n kube-system rollout status deployment/metrics-server" in ready
+    for w in ("worker-1", "worker-2"):
+        assert "ctr -n k8s.io images import --local \"$STAGE/images/metrics-server.tar\"" in g.one(f"{w}-containerd").inputs["create"]
+
+
+def test_metrics_server_off_uploads_no_image(module_cache):
+    raw = base_config(module_cache, "libvirt")
+    raw["addons"] = {"metrics_server": False}
+    g = run_program(raw)
+    assert not g.find("command:remote:Command", "master-1-addon-metrics-server")
+    assert "metrics-server.tar" not in g.one("worker-1-containerd").inputs["create"]
+    assert not [r for r in g.find("command:remote:CopyToRemote") if "metrics-server" in r.name]

@@ -4,7 +4,7 @@ Every component is built from the Go module proxy (no vendor downloads), cached 
 ``$KUBELAB_CACHE/<name>-v<version>`` via :func:`kltools.cached`, checked (pinned version,
 static linking) and assembled into ``$KUBELAB_CACHE/bundles/<bundle_key>/``::
 
-    versions.json  SHA256SUMS  bin/...  cni/...  images/pause.tar  images/coredns.tar
+    versions.json  SHA256SUMS  bin/...  cni/...  images/pause.tar  images/coredns.tar  images/metrics-server.tar
 
 Usage: ``python tools/bundle_build.py [COMPONENT ...]`` (no argument: the whole bundle).
 """
@@ -47,6 +47,7 @@ FLANNEL = "github.com/flannel-io/flannel"
 # rebuilt against the current libcni.
 FLANNEL_CNI = "github.com/containernetworking/plugins"
 COREDNS = "github.com/coredns/coredns"
+METRICS_SERVER = "sigs.k8s.io/metrics-server"
 # flannel >= 0.28.9 requires tencentcloud vpc versions the proxy refuses (403); the tencentvpc
 # backend is unused here, so such a version is replaced by one the proxy serves.
 FLANNEL_FALLBACKS = {"github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/vpc": "v1.3.75"}
@@ -403,6 +404,16 @@ def build_coredns(ver: str, out: Path) -> None:
     _check(out / "bin/coredns", ["-version"], f"CoreDNS-{ver}")
 
 
+def build_metrics_server(ver: str, out: Path) -> None:
+    """metrics-server (install, CGO off), version set the way its Makefile does."""
+    tag = f"v{ver}"
+    ldflags = _ldflags({"k8s.io/client-go/pkg/version.gitVersion": tag,
+                        "k8s.io/client-go/pkg/version.gitCommit": f"module-{tag}",
+                        "k8s.io/client-go/pkg/version.buildDate": FIXED_TIME})
+    _go_install([f"{METRICS_SERVER}/cmd/metrics-server"], tag, out / "bin", ldflags)
+    _check(out / "bin/metrics-server", ["--version"], tag)
+
+
 def build_pause(ver: str, k8s_ver: str, out: Path) -> None:
     """pause from ``build/pause/linux/pause.c`` in the k8s.io/kubernetes module (gcc -static)."""
     src = Path(_module(K8S, f"v{k8s_ver}")["Dir"]) / "build/pause/linux/pause.c"
@@ -520,8 +531,10 @@ def build_images(
     coredns_dir: Path,
     containerd_dir: Path,
     out: Path,
+    metrics_server_dir: Path | None = None,
 ) -> None:
-    """``images/pause.tar`` and ``images/coredns.tar`` (OCI archives), proven by a real ``ctr`` import."""
+    """``images/pause.tar``, ``images/coredns.tar`` and ``images/metrics-server.tar`` (OCI
+    archives), proven by a real ``ctr`` import."""
     (out / "images").mkdir()
     refs = [
         f"registry.k8s.io/pause:{node['pause']}",
@@ -543,7 +556,15 @@ def build_images(
             "WorkingDir": "/",
         },
     )
-    listing = prove_import(containerd_dir / "bin", [out / "images/pause.tar", out / "images/coredns.tar"])
+    if metrics_server_dir is not None:
+        refs.append(f"registry.k8s.io/metrics-server/metrics-server:v{node['metrics_server']}")
+        write_oci_archive(
+            out / "images/metrics-server.tar",
+            refs[2],
+            {"metrics-server": ((metrics_server_dir / "bin/metrics-server").read_bytes(), 0o755)},
+            {"Entrypoint": ["/metrics-server"], "User": "65534:65534", "WorkingDir": "/"},
+        )
+    listing = prove_import(containerd_dir / "bin", sorted((out / "images").glob("*.tar")))
     missing = [r for r in refs if r not in listing]
     if missing:
         raise SystemExit(f"[tools] not imported: {missing}\n{listing}")
@@ -643,13 +664,15 @@ def _save_times(timings: dict[str, float]) -> None:
 
 def components(node: dict[str, str]) -> dict[str, tuple[str, Callable[[Path], None]]]:
     """Build order: component -> (cache key, builder)."""
-    images_key = f"images-pause-{node['pause']}-coredns-v{node['coredns']}-k8s-v{node['kubernetes']}"
+    images_key = (f"images-pause-{node['pause']}-coredns-v{node['coredns']}-metrics-server-v{node['metrics_server']}"
+                  f"-k8s-v{node['kubernetes']}")
 
     def images(out: Path) -> None:
         build_images(
             node,
             *(cache_root() / keys[n] for n in ("pause", "coredns", "containerd")),
             out,
+            metrics_server_dir=cache_root() / keys["metrics_server"],
         )
 
     table: dict[str, tuple[str, Callable[[Path], None]]] = {
@@ -678,6 +701,10 @@ def components(node: dict[str, str]) -> dict[str, tuple[str, Callable[[Path], No
         "coredns": (
             f"coredns-v{node['coredns']}",
             lambda o: build_coredns(node["coredns"], o),
+        ),
+        "metrics_server": (
+            f"metrics-server-v{node['metrics_server']}",
+            lambda o: build_metrics_server(node["metrics_server"], o),
         ),
         "pause": (
             f"pause-{node['pause']}-k8s-v{node['kubernetes']}",

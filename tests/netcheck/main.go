@@ -4,10 +4,13 @@
 //	netcheck serve            HTTP on :8080, answers with the pod's hostname
 //	netcheck get URL          GET URL, print the body, exit 1 unless 200
 //	netcheck lookup NAME      resolve NAME through the pod's resolv.conf (CoreDNS)
+//	netcheck webhook CERT KEY a validating admission webhook on :8443 (TLS from CERT/KEY):
+//	                          denies objects labelled kubelab.io/deny=true, admits the rest
 package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -16,9 +19,49 @@ import (
 	"time"
 )
 
+// admissionReview is the part of admission.k8s.io/v1 AdmissionReview the webhook needs.
+type admissionReview struct {
+	APIVersion string             `json:"apiVersion"`
+	Kind       string             `json:"kind"`
+	Request    *admissionRequest  `json:"request,omitempty"`
+	Response   *admissionResponse `json:"response,omitempty"`
+}
+
+type admissionRequest struct {
+	UID    string `json:"uid"`
+	Object struct {
+		Metadata struct {
+			Name   string            `json:"name"`
+			Labels map[string]string `json:"labels"`
+		} `json:"metadata"`
+	} `json:"object"`
+}
+
+type admissionResponse struct {
+	UID     string         `json:"uid"`
+	Allowed bool           `json:"allowed"`
+	Status  map[string]any `json:"status,omitempty"`
+}
+
+func validate(w http.ResponseWriter, r *http.Request) {
+	var review admissionReview
+	if err := json.NewDecoder(r.Body).Decode(&review); err != nil || review.Request == nil {
+		http.Error(w, "not an AdmissionReview", http.StatusBadRequest)
+		return
+	}
+	meta := review.Request.Object.Metadata
+	resp := &admissionResponse{UID: review.Request.UID, Allowed: meta.Labels["kubelab.io/deny"] != "true"}
+	if !resp.Allowed {
+		resp.Status = map[string]any{"code": 403, "message": fmt.Sprintf("netcheck webhook denies %s: labelled kubelab.io/deny=true", meta.Name)}
+	}
+	fmt.Printf("review %s %s: allowed=%v\n", review.Request.UID, meta.Name, resp.Allowed)
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(admissionReview{APIVersion: "admission.k8s.io/v1", Kind: "AdmissionReview", Response: resp})
+}
+
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: netcheck serve | get URL | lookup NAME")
+		fmt.Fprintln(os.Stderr, "usage: netcheck serve | get URL | lookup NAME | webhook CERT KEY")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -40,6 +83,15 @@ func main() {
 		body, _ := io.ReadAll(resp.Body)
 		fmt.Print(string(body))
 		if resp.StatusCode != http.StatusOK {
+			os.Exit(1)
+		}
+	case "webhook":
+		mux := http.NewServeMux()
+		mux.HandleFunc("/validate", validate)
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+		srv := &http.Server{Addr: ":8443", Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		if err := srv.ListenAndServeTLS(os.Args[2], os.Args[3]); err != nil {
+			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
 	case "lookup":
