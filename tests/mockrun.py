@@ -71,6 +71,8 @@ class Registration:
     property_dependencies: dict[str, list[str]]
     custom_timeouts: dict[str, str]
     inputs: dict
+    ignore_changes: list[str] = field(default_factory=list)
+    delete_before_replace: bool = False
 
 
 class RecordingMonitor(pmocks.MockMonitor):
@@ -89,6 +91,8 @@ class RecordingMonitor(pmocks.MockMonitor):
             property_dependencies={k: list(v.urns) for k, v in request.propertyDependencies.items()},
             custom_timeouts={"create": request.customTimeouts.create, "update": request.customTimeouts.update},
             inputs=inputs,
+            ignore_changes=list(request.ignoreChanges),
+            delete_before_replace=request.deleteBeforeReplace,
         ))
         return response
 

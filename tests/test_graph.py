@@ -197,6 +197,19 @@ def test_no_command_uses_triggers(lab):
         assert r.inputs["triggers"] == [f"{node}-id"], r.name
 
 
+def test_libvirt_objects_replace_cleanly_and_diff_quietly(lab):
+    """Fixed names: a replacement deletes the old object first. The domain's interface
+    addresses are read back from DHCP leases the guests never take: ignored in diffs, so a
+    no-op preview of a lab plans nothing (found on the first real `pulumi up`)."""
+    for typ in ("libvirt:index/domain:Domain", "libvirt:index/volume:Volume", "libvirt:index/cloudInitDisk:CloudInitDisk",
+                "libvirt:index/network:Network"):
+        for r in lab.find(typ):
+            assert r.delete_before_replace, r.name
+    for d in lab.find("libvirt:index/domain:Domain"):
+        assert d.ignore_changes == ["networkInterfaces[0].addresses"], d.name
+        assert d.inputs["networkInterfaces"][0]["addresses"], d.name  # still set on create
+
+
 def test_a_replaced_machine_reruns_exactly_its_own_steps_and_uploads(module_cache):
     """A VM replaced (disk, image, size, or deleted by hand) keeps name, address and host key:
     only its new domain id tells. Every step and upload on that node changes, nothing else."""

@@ -104,7 +104,13 @@ class LibvirtLab(pulumi.ComponentResource):
                 wait_for_lease=False)],
             consoles=[libvirt.DomainConsoleArgs(type="pty", target_port="0", target_type="serial")],
             autostart=False,
-            opts=child,
+            # The provider reads an interface's addresses back from DHCP leases, which do not
+            # exist yet when the domain is created (nor ever, for a guest that keeps only its
+            # static address): without this every later preview plans a phantom update. The
+            # address still takes effect: it is in the cloud-init disk, whose change replaces
+            # the domain, and in the create of a new domain.
+            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(
+                ignore_changes=["networkInterfaces[0].addresses"])),
         )
         return Machine(
             spec=node,
