@@ -88,10 +88,10 @@ class Cluster(pulumi.ComponentResource):
         self.ready = first.step("cluster-ready", "scripts/wait-cluster-ready.sh.j2", StepSpec(
             context={"expected_nodes": [n.name for n in cfg.workload_nodes], "tries": 180,
                      "deployments": addons.deployments, "apiservices": addons.apiservices,
-                     "rollout_timeout": "600s", "marker": DESTROYING_MARK},
+                     "rollout_timeout": "1200s", "marker": DESTROYING_MARK},
             on_delete=("scripts/cluster-destroying.sh.j2", {"marker": DESTROYING_MARK}),
         ), parent=self, depends_on=[*[s for w in workers for s in w.steps], *pod_network.flanneld.values(),
-                                    *addons.steps, *removals, *[p.kube_proxy for p in proxies]], timeout="30m")
+                                    *addons.steps, *removals, *[p.kube_proxy for p in proxies]], timeout="45m")
 
         self.apiserver_url = pulumi.Output.concat("https://", fleet.api_endpoint, ":6443")
         self.kubeconfig = kubeconfig(cfg.name, self.apiserver_url, pki.ca.cert, pki.admin, "admin")

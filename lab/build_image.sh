@@ -109,6 +109,13 @@ growpart:
 resize_rootfs: true
 EOF
 
+# SSH: prefer ChaCha20-Poly1305. A TCG guest (CPU model qemu64) has no AES-NI, SSSE3 or
+# PCLMUL, so AES-GCM runs from lookup tables there and every upload is bound by the guest's
+# crypto. Go's SSH client (pulumi-command) lists AES-GCM first, so GCM is left out here; the
+# CTR modes stay for old clients.
+install -d "$MNT/etc/ssh/sshd_config.d"
+echo "Ciphers chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr" >"$MNT/etc/ssh/sshd_config.d/10-kubelab-ciphers.conf"
+
 # Networking: cloud-init renders networkd config; resolved provides DNS.
 chroot "$MNT" systemctl enable systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
 # Kubernetes prerequisites.
