@@ -121,6 +121,7 @@ class HostAccess(pulumi.ComponentResource):
         self.ready = remote.Command(
             f"{machine.name}-wait-for-ssh",
             connection=machine.connection(wait=True),
+            add_previous_output_in_env=False,
             create=pulumi.Output.from_input(machine.identity).apply(
                 lambda ident: render("scripts/wait-for-ssh.sh.j2", node=machine.name, machine_id=ident)),
             # Runs last on destroy (every step depends on this one): the staging area goes.
@@ -194,6 +195,9 @@ class HostAccess(pulumi.ComponentResource):
             f"{machine.name}-{name}",
             connection=machine.connection(),
             create=create,
+            # No step reads its previous output; passing it would warn on every update (sshd
+            # accepts no such environment variables).
+            add_previous_output_in_env=False,
             stdin=stdin,
             delete=delete,
             opts=pulumi.ResourceOptions(

@@ -191,6 +191,8 @@ def test_no_command_uses_triggers(lab):
     # triggers replace the resource; a kubelet flag change must only update that step.
     for r in lab.find(CMD):
         assert "triggers" not in r.inputs, r.name
+        # an update would warn that sshd refuses PULUMI_COMMAND_STDOUT (seen on the real engine)
+        assert r.inputs["addPreviousOutputInEnv"] is False, r.name
     # An upload has nothing remote to delete: its one trigger is the machine it copies to.
     for r in lab.find(COPY):
         node = r.name.split("-upload-")[0]
