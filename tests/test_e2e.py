@@ -31,6 +31,9 @@ sys.path.insert(0, str(REPO / "lab"))
 sys.path.insert(0, str(REPO / "tools"))
 
 TOPOLOGY = os.environ.get("KUBELAB_E2E_TOPOLOGY", "1+2")
+# The recreate loop (a second `up` of the destroyed stack) doubles the run; CI's 90-minute
+# budget on a busy 2-core machine leaves it to `make e2e` (KUBELAB_E2E_RECREATE=0 in .ci/run).
+RECREATE = os.environ.get("KUBELAB_E2E_RECREATE", "1") != "0"
 NAME = "kubelab-e2e"
 NODE_CIDR = "10.241.0.0/24"
 TIMINGS = REPO / ".e2e" / ("timings.json" if TOPOLOGY == "1+2" else f"timings-{TOPOLOGY}.json")
@@ -273,6 +276,12 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         log(f"destroy in {t['destroy_s']} s left nothing behind")
 
         # --- the ephemeral-lab loop: the same stack comes back --------------------------------
+        if not RECREATE:
+            t["recreate_s"] = "not run: KUBELAB_E2E_RECREATE=0 (CI's time budget; `make e2e` runs it)"
+            t["passed"] = True
+            t.save()
+            log("e2e passed (the recreate loop was not run: KUBELAB_E2E_RECREATE=0)")
+            return
         log("pulumi up again (recreate the destroyed lab)")
         destroyed = False
         t["recreate_s"], _ = up("up3")
@@ -298,8 +307,8 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         lab.down()
         t.save()
         summary = {k: t.get(k) for k in ("passed", "nodes", "vm_boot_to_ssh_s", "up_total_s", "up_to_ready_s",
-                                          "noop_preview_s", "noop_up_s", "noop_uploaded_bytes", "destroy_s",
-                                          "recreate_s", "destroy2_s")}
+                                          "noop_preview_s", "noop_up_s", "noop_uploaded_bytes", "replace_worker_s",
+                                          "destroy_s", "recreate_s", "destroy2_s", "checks")}
         print(f"\ne2e timings ({TOPOLOGY}): {json.dumps(summary)}  -> {TIMINGS.relative_to(REPO)}")
 
 
