@@ -46,6 +46,7 @@ class Addons(pulumi.ComponentResource):
                 lambda v: render("addons/metrics-server-tls.yaml.j2",
                                  crt=base64.b64encode(v[0].encode()).decode(), key=base64.b64encode(v[1].encode()).decode()))
             self.steps.append(first_master.step("addon-metrics-server", "scripts/kubectl-apply.sh.j2", StepSpec(
+                dirs=[("/etc/kubernetes/addons", "0700")],
                 files=[File("/etc/kubernetes/addons/metrics-server.yaml", manifest)],
                 secret_files=[SecretFile("/etc/kubernetes/addons/metrics-server-tls.yaml", pulumi.Output.secret(tls_secret))],
                 context={"manifest": "", "manifest_files": ["/etc/kubernetes/addons/metrics-server-tls.yaml",
