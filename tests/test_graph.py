@@ -276,7 +276,7 @@ def test_static_graph_tears_down_on_destroy(config_for):
     g = run_program(config_for("static"))
     assert not g.find("libvirt:index/domain:Domain")
     kubelet = g.one("svr002-kubelet")
-    assert "systemctl disable --now kubelet" in kubelet.inputs["delete"]
+    assert "systemctl stop kubelet 2>/dev/null || true\nsystemctl disable kubelet" in kubelet.inputs["delete"]
     assert kubelet.inputs["connection"]["value"]["host"] == "192.168.50.12"
 
 
