@@ -34,7 +34,7 @@ class Addons(pulumi.ComponentResource):
                 cluster_domain=net.cluster_domain, replicas=min(2, len(cfg.workload_nodes)),
                 image=f"registry.k8s.io/coredns/coredns:v{cfg.versions['coredns']}")
             self.steps.append(first_master.step("addon-coredns", "scripts/kubectl-apply.sh.j2",
-                                                StepSpec(context={"manifest": manifest, "manifest_files": []}),
+                                                StepSpec(context={"manifest": manifest}),
                                                 parent=self, depends_on=control_plane_ready))
             self.deployments.append({"namespace": "kube-system", "name": "coredns"})
         if cfg.addons["metrics_server"]:
@@ -49,8 +49,8 @@ class Addons(pulumi.ComponentResource):
                 dirs=[("/etc/kubernetes/addons", "0700")],
                 files=[File("/etc/kubernetes/addons/metrics-server.yaml", manifest)],
                 secret_files=[SecretFile("/etc/kubernetes/addons/metrics-server-tls.yaml", pulumi.Output.secret(tls_secret))],
-                context={"manifest": "", "manifest_files": ["/etc/kubernetes/addons/metrics-server-tls.yaml",
-                                                            "/etc/kubernetes/addons/metrics-server.yaml"]},
+                context={"manifest_files": ["/etc/kubernetes/addons/metrics-server-tls.yaml",
+                                            "/etc/kubernetes/addons/metrics-server.yaml"]},
             ), parent=self, depends_on=control_plane_ready))
             self.deployments.append({"namespace": "kube-system", "name": "metrics-server"})
             self.apiservices.append("v1beta1.metrics.k8s.io")
@@ -58,7 +58,7 @@ class Addons(pulumi.ComponentResource):
             manifest = render("addons/dashboard.yaml.j2", version=cfg.addon_versions["dashboard"],
                               scraper_version=cfg.addon_versions["dashboard_metrics_scraper"])
             self.steps.append(first_master.step("addon-dashboard", "scripts/kubectl-apply.sh.j2",
-                                                StepSpec(context={"manifest": manifest, "manifest_files": []}),
+                                                StepSpec(context={"manifest": manifest}),
                                                 parent=self, depends_on=control_plane_ready))
             self.deployments.append({"namespace": "kubernetes-dashboard", "name": "kubernetes-dashboard"})
         self.register_outputs({"enabled": sorted(k for k, v in cfg.addons.items() if v)})

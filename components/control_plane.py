@@ -119,8 +119,7 @@ class ControlPlane(pulumi.ComponentResource):
 
         # 5. Let the API server reach kubelets (logs, exec, port-forward) under RBAC.
         self.apiserver_to_kubelet = first.step("rbac-apiserver-to-kubelet", "scripts/kubectl-apply.sh.j2", StepSpec(
-            context={"manifest": render("addons/apiserver-to-kubelet-rbac.yaml.j2", user="kube-apiserver"),
-                     "manifest_files": []},
+            context={"manifest": render("addons/apiserver-to-kubelet-rbac.yaml.j2", user="kube-apiserver")},
         ), parent=self, depends_on=api_all)
 
         # 6. controller-manager and scheduler on every master, after its API server.

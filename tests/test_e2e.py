@@ -13,6 +13,7 @@ workloads). Everything that crosses a network runs inside the lab's network name
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -404,9 +405,7 @@ def verify_security(in_ns, kubeconfig: Path, kubectl_bin: str, master: str, key:
     assert secret.returncode == 0, secret.stderr
     audit = on_master("sudo cat /var/log/kubernetes/audit.log").stdout
     assert "e2e-audit-probe" in audit, "the audit log does not record Secret writes"
-    import base64 as b64
-
-    assert marker not in audit and b64.b64encode(marker.encode()).decode() not in audit, "a Secret's data is in the audit log"
+    assert marker not in audit and base64.b64encode(marker.encode()).decode() not in audit, "a Secret's data is in the audit log"
     log("audit log records the Secret's metadata, not its data")
 
 
@@ -453,8 +452,6 @@ def verify_control_plane_reaches_services(in_ns, kubeconfig: Path, kubectl_bin: 
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": svc, "namespace": WEBHOOK_NS},
          "spec": {"selector": {"app": svc}, "ports": [{"port": 443, "targetPort": 8443}]}}]))
     kubectl("-n", WEBHOOK_NS, "wait", "--for=condition=Ready", f"pod/{svc}", "--timeout=300s", timeout=330)
-    import base64 as b64
-
     kubectl("apply", "-f", "-", input=yaml.safe_dump({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
         "metadata": {"name": "kubelab-e2e-deny-labelled"},
@@ -463,7 +460,7 @@ def verify_control_plane_reaches_services(in_ns, kubeconfig: Path, kubectl_bin: 
                       "namespaceSelector": {"matchLabels": {"kubelab.io/e2e": "webhook"}},
                       "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["configmaps"]}],
                       "clientConfig": {"service": {"name": svc, "namespace": WEBHOOK_NS, "path": "/validate", "port": 443},
-                                       "caBundle": b64.b64encode((tmp / "wh-ca.crt").read_bytes()).decode()}}]}))
+                                       "caBundle": base64.b64encode((tmp / "wh-ca.crt").read_bytes()).decode()}}]}))
     denied = allowed = None
     for attempt in range(20):  # the webhook configuration reaches the API server's cache in a few seconds
         cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"labelled-{attempt}", "namespace": WEBHOOK_NS,
