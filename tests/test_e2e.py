@@ -101,6 +101,23 @@ def first_event(evs: list[dict]) -> float:
     return min((e["timestamp"] for e in evs if "timestamp" in e), default=0)
 
 
+NODE_UNITS = ("etcd", "kube-apiserver", "flanneld", "containerd", "kubelet", "kube-proxy")
+
+
+def node_journals(in_ns, nodes_cfg: list[dict], key: Path, dest: Path, lines: int = 60) -> None:
+    """After a failure, before the destroy: each node's unit states and journal tails, printed
+    and written to ``dest`` (what a user would look at first on the node itself)."""
+    script = (f"for u in {' '.join(NODE_UNITS)}; do systemctl cat $u >/dev/null 2>&1 || continue; "
+              f"echo \"--- $u: $(systemctl is-active $u)\"; sudo -n journalctl -u $u -n {lines} --no-pager -o short-monotonic; done; "
+              "echo '--- pod sandboxes'; sudo -n /usr/local/bin/ctr -n k8s.io containers ls 2>&1 | tail -n 20 || true")
+    out = []
+    for n in nodes_cfg:
+        proc = in_ns("ssh", *SSH_OPTS, "-i", str(key), f"kubelab@{n['address']}", script, check=False, timeout=120)
+        out.append(f"===== node {n['name']} (exit {proc.returncode}) =====\n{proc.stdout}{proc.stderr}")
+    dest.write_text("\n".join(out))
+    print("\n".join(out)[-30000:], flush=True)
+
+
 def leftovers(lab, name: str) -> list[str]:
     """Domains, networks, volumes and pool files of the cluster that still exist."""
     found = [line for cmd in (["list", "--all", "--name"], ["net-list", "--all", "--name"], ["vol-list", lab.pool])
@@ -303,6 +320,11 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         log("e2e passed")
     finally:
         if not destroyed:
+            log(f"after a failure: each node's units and journals (also in {tmp_path / 'node-journals.txt'})")
+            try:
+                node_journals(in_ns, nodes_cfg, prerequisites["key"], tmp_path / "node-journals.txt")
+            except Exception as exc:  # the cleanup below must still run
+                log(f"could not collect the node journals: {exc}")
             log("cleaning up after a failure: pulumi destroy")
             project.run("destroy", "--yes", "--skip-preview", check=False, timeout=1800)
         lab.down()

@@ -344,7 +344,8 @@ def test_control_plane_reaches_services_and_metrics_server_tls_is_verified(lab_f
     assert "PRIVATE KEY" not in step.inputs["create"]
     ready = g.one("master-1-cluster-ready").inputs["create"]
     assert "kubectl wait --for=condition=Available apiservice/v1beta1.metrics.k8s.io" in ready
-    assert "kubectl -n kube-system rollout status deployment/metrics-server" in ready
+    assert "kubectl -n kube-system wait --for=condition=Available deployment/metrics-server" in ready
+    assert "kubectl -n kube-system rollout status" not in ready  # a slow first start passes the progress deadline
     for w in ("worker-1", "worker-2"):
         assert "ctr -n k8s.io images import --local \"$STAGE/images/metrics-server.tar\"" in g.one(f"{w}-containerd").inputs["create"]
 
