@@ -128,6 +128,31 @@ class DigitalOceanConfig:
 
 
 POD_SECURITY_LEVELS = ("privileged", "baseline", "restricted")
+# Ports the nodes themselves listen on: a NodePort range must leave them alone.
+HOST_PORTS = {22: "SSH", 2379: "etcd", 2380: "etcd peers", 6443: "kube-apiserver", 8472: "flannel vxlan",
+              10248: "kubelet healthz", 10250: "kubelet", 10256: "kube-proxy healthz",
+              10257: "kube-controller-manager", 10259: "kube-scheduler"}
+# flannel leases each node a /24 (SubnetLen 24): 254 addresses, minus the bridge and spare.
+MAX_PODS_LIMIT = 250
+
+
+@dataclass(frozen=True)
+class KubeletConfig:
+    """Settings every kubelet gets (workers, and masters that run workloads)."""
+
+    max_pods: int = 110  # the kubelet's own default
+
+
+@dataclass(frozen=True)
+class ApiServerConfig:
+    """kube-apiserver settings a user may change."""
+
+    service_node_port_range: str = "30000-32767"  # NodePorts; also opened in the DigitalOcean firewall
+
+    @property
+    def node_port_range(self) -> tuple[int, int]:
+        low, high = self.service_node_port_range.split("-")
+        return int(low), int(high)
 
 
 @dataclass(frozen=True)
@@ -158,6 +183,8 @@ class ClusterConfig:
     registry_mirrors: dict[str, tuple[str, ...]]
     addons: dict[str, bool]
     pod_security: PodSecurityConfig
+    kubelet: KubeletConfig
+    apiserver: ApiServerConfig
     libvirt: LibvirtConfig | None
     digitalocean: DigitalOceanConfig | None
 
@@ -287,7 +314,8 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
     r.unknown(
         raw,
         {"name", "platform", "versions", "masters", "workers", "masters_run_workloads", "network",
-         "ssh", "binaries", "registry_mirrors", "addons", "pod_security", "libvirt", "digitalocean", "static"},
+         "ssh", "binaries", "registry_mirrors", "addons", "pod_security", "kubelet", "apiserver", "libvirt",
+         "digitalocean", "static"},
         "cluster",
     )
 
@@ -566,6 +594,26 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
             problems.append(f"pod_security.exempt_namespaces: {ns!r} must be a namespace name (a DNS label)")
     pod_security = PodSecurityConfig(exempt_namespaces=tuple(str(n) for n in exempt), **levels)
 
+    # --- kubelet and kube-apiserver settings ---------------------------------------------------
+    kubelet_raw = r.section(raw, "kubelet", "cluster")
+    r.unknown(kubelet_raw, {"max_pods"}, "kubelet")
+    max_pods = r.get(kubelet_raw, "max_pods", "kubelet", int, KubeletConfig.max_pods)
+    if not 10 <= max_pods <= MAX_PODS_LIMIT:
+        problems.append(f"kubelet.max_pods: {max_pods} is out of range; flannel gives each node a /24 (254 addresses), "
+                        f"so choose 10 to {MAX_PODS_LIMIT} (default {KubeletConfig.max_pods})")
+    api_raw = r.section(raw, "apiserver", "cluster")
+    r.unknown(api_raw, {"service_node_port_range"}, "apiserver")
+    port_range = r.get(api_raw, "service_node_port_range", "apiserver", str, ApiServerConfig.service_node_port_range)
+    m = re.fullmatch(r"(\d{1,5})-(\d{1,5})", port_range)
+    if not m or not 1 <= int(m[1]) < int(m[2]) <= 65535:
+        problems.append(f"apiserver.service_node_port_range: {port_range!r} must be LOW-HIGH with 1 <= LOW < HIGH <= 65535, "
+                        f"e.g. {ApiServerConfig.service_node_port_range}")
+    else:
+        clash = sorted(f"{p} ({what})" for p, what in HOST_PORTS.items() if int(m[1]) <= p <= int(m[2]))
+        if clash:
+            problems.append(f"apiserver.service_node_port_range: {port_range} includes ports the nodes listen on: "
+                            f"{', '.join(clash)}; choose a range clear of them, e.g. {ApiServerConfig.service_node_port_range}")
+
     # --- platform sections --------------------------------------------------------------------
     libvirt_cfg = _libvirt(r, raw, platform, problems)
     do_cfg = _digitalocean(r, raw, platform, role_cfgs, problems)
@@ -581,6 +629,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
             access_cidrs=tuple(access), upstream_dns=tuple(upstream),
         ),
         ssh=ssh, binaries=binaries, registry_mirrors=mirrors, addons=addons, pod_security=pod_security,
+        kubelet=KubeletConfig(max_pods=max_pods), apiserver=ApiServerConfig(service_node_port_range=port_range),
         libvirt=libvirt_cfg, digitalocean=do_cfg,
     )
 

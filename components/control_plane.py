@@ -88,7 +88,8 @@ class ControlPlane(pulumi.ComponentResource):
             n = m.machine.name
             unit = pulumi.Output.all(m.machine.private_address, self.etcd_servers).apply(lambda v: render(
                 "systemd/kube-apiserver.service.j2", address=v[0], etcd_servers=v[1], local_etcd=True,
-                cluster_domain=net.cluster_domain, service_cidr=net.service_cidr))
+                cluster_domain=net.cluster_domain, service_cidr=net.service_cidr,
+                node_port_range=cfg.apiserver.service_node_port_range))
             self.apiserver[n] = m.step("kube-apiserver", "scripts/install-service.sh.j2", StepSpec(
                 units=["kube-apiserver"],
                 binaries=[Binary("bin/kube-apiserver", "/usr/local/bin/kube-apiserver"),

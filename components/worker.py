@@ -111,7 +111,8 @@ class WorkerNode(pulumi.ComponentResource):
             dirs=[("/var/lib/kubelet", "0700"), ("/var/lib/kubelet/pki", "0700"), ("/etc/kubernetes/pki", "0755")],
             files=[File("/etc/systemd/system/kubelet.service", unit),
                    File("/var/lib/kubelet/config.yaml", render(
-                       "config/kubelet-config.yaml.j2", cluster_domain=net.cluster_domain, cluster_dns=net.cluster_dns)),
+                       "config/kubelet-config.yaml.j2", cluster_domain=net.cluster_domain, cluster_dns=net.cluster_dns,
+                       max_pods=cfg.kubelet.max_pods)),
                    File("/etc/kubernetes/pki/ca.crt", pki.ca.cert),
                    File("/var/lib/kubelet/pki/kubelet.crt", pki.kubelet_serving[node.name].cert)],
             secret_files=[SecretFile("/var/lib/kubelet/pki/kubelet.key", pki.kubelet_serving[node.name].key),

@@ -24,6 +24,8 @@ def test_valid_lab_config_parses_with_defaults(config_for):
     assert cfg.addons == {"coredns": True, "metrics_server": True, "dashboard": False}
     assert [n.name for n in cfg.workload_nodes] == ["worker-1", "worker-2"]
     assert (cfg.pod_security.enforce, cfg.pod_security.warn) == ("baseline", "restricted")
+    assert cfg.kubelet.max_pods == 110
+    assert cfg.apiserver.node_port_range == (30000, 32767)
 
 
 def test_seed_000_master_is_also_a_node(config_for):
@@ -113,6 +115,14 @@ CASES = [
      ["pod_security.enforce: 'strict' is not a Pod Security level", "privileged, baseline, restricted"]),
     ("bad-pod-security-exemption", lambda r: r.update(pod_security={"exempt_namespaces": ["Kube_System"]}),
      ["pod_security.exempt_namespaces: 'Kube_System'", "DNS label"]),
+    ("max-pods-beyond-flannel-subnet", lambda r: r.update(kubelet={"max_pods": 500}),
+     ["kubelet.max_pods: 500", "/24", "10 to 250"]),
+    ("node-port-range-malformed", lambda r: r.update(apiserver={"service_node_port_range": "30000:32767"}),
+     ["apiserver.service_node_port_range: '30000:32767'", "LOW-HIGH"]),
+    ("node-port-range-over-host-ports", lambda r: r.update(apiserver={"service_node_port_range": "6000-11000"}),
+     ["apiserver.service_node_port_range: 6000-11000", "6443 (kube-apiserver)", "10250 (kubelet)"]),
+    ("unknown-kubelet-setting", lambda r: r.update(kubelet={"maxPods": 20}),
+     ["kubelet.maxPods", "unknown setting"]),
 ]
 
 

@@ -231,6 +231,28 @@ def test_a_replaced_machine_reruns_exactly_its_own_steps_and_uploads(module_cach
     assert new["worker-1-upload-bin-kubelet"]["triggers"] == ["worker-1-replaced-uuid"]
 
 
+@pytest.mark.parametrize(("setting", "value", "expected", "line"), [
+    ("kubelet", {"max_pods": 60}, {"worker-1-kubelet", "worker-2-kubelet"}, "maxPods: 60"),
+    ("apiserver", {"service_node_port_range": "31000-31999"}, {"master-1-kube-apiserver"},
+     "--service-node-port-range=31000-31999"),
+])
+def test_a_setting_changes_exactly_the_steps_it_belongs_to(module_cache, setting, value, expected, line):
+    """The graph half of the pull-request diff contract (the e2e checks it on the real engine):
+    one setting, one changed step per node that runs it, the new value as a line in it."""
+    raw = base_config(module_cache, "libvirt")
+    before = run_program(raw)
+    after = run_program({**raw, setting: value})
+
+    def inputs(g: Graph) -> dict[str, dict]:
+        return {r.name: r.inputs for r in g.find(CMD) + g.find(COPY)}
+
+    old, new = inputs(before), inputs(after)
+    assert old.keys() == new.keys()
+    assert {name for name in old if old[name] != new[name]} == expected
+    for name in expected:
+        assert line in new[name]["create"] and line not in old[name]["create"]
+
+
 def test_exports_present(lab):
     out = lab.stack_outputs
     assert out["apiserverUrl"] == "https://10.240.0.11:6443"

@@ -13,14 +13,13 @@ import pulumi_digitalocean as do
 from components.config import ClusterConfig, NodeSpec
 from components.machine import Fleet, Machine, host_key_user_data
 
-NODEPORTS = "30000-32767"
-
 
 def firewall_rules(cfg: ClusterConfig, cluster_tag: str, master_tag: str) -> tuple[list[do.FirewallInboundRuleArgs], list[do.FirewallOutboundRuleArgs]]:
     """Seed 001's port table brought up to date (no 10251/10252/10255: those now listen on
     localhost or are gone)."""
     assert cfg.digitalocean is not None
     allowed = list(cfg.digitalocean.allowed_cidrs)
+    nodeports = cfg.apiserver.service_node_port_range
     inbound = [
         do.FirewallInboundRuleArgs(protocol="tcp", port_range="22", source_addresses=allowed),
         do.FirewallInboundRuleArgs(protocol="tcp", port_range="6443", source_addresses=allowed),
@@ -29,8 +28,8 @@ def firewall_rules(cfg: ClusterConfig, cluster_tag: str, master_tag: str) -> tup
         do.FirewallInboundRuleArgs(protocol="tcp", port_range="2379-2380", source_tags=[cluster_tag]),
         do.FirewallInboundRuleArgs(protocol="tcp", port_range="10250", source_tags=[cluster_tag]),
         do.FirewallInboundRuleArgs(protocol="udp", port_range="8472", source_tags=[cluster_tag]),
-        do.FirewallInboundRuleArgs(protocol="tcp", port_range=NODEPORTS, source_tags=[cluster_tag]),
-        do.FirewallInboundRuleArgs(protocol="udp", port_range=NODEPORTS, source_tags=[cluster_tag]),
+        do.FirewallInboundRuleArgs(protocol="tcp", port_range=nodeports, source_tags=[cluster_tag]),
+        do.FirewallInboundRuleArgs(protocol="udp", port_range=nodeports, source_tags=[cluster_tag]),
         do.FirewallInboundRuleArgs(protocol="icmp", source_tags=[cluster_tag]),
     ]
     everywhere = ["0.0.0.0/0", "::/0"]
