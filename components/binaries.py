@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sys
 import tarfile
 import urllib.request
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.config import BinariesConfig
-from components.versions import bundle_key, load_versions
+from components.versions import bundle_key, cache_root, load_versions
 
 # Bundle files per install step.
 CONTROL_PLANE_FILES = ("bin/etcd", "bin/etcdctl", "bin/kube-apiserver", "bin/kube-controller-manager",
@@ -59,6 +60,23 @@ class Bundle:
 
     def get(self, rel: str) -> LocalFile:
         return self.files[rel]
+
+    def blob(self, rel: str) -> Path:
+        """The file under a content-addressed name (``$KUBELAB_CACHE/blobs/<sha256>``, a symlink).
+
+        Uploads read it from there, so an upload's input is the same for the same bytes in any
+        bundle: a version bump plans updates of the files that really changed, not of every
+        upload whose bundle directory was renamed.
+        """
+        f = self.files[rel]
+        link = cache_root() / "blobs" / f.sha256
+        if not (link.is_symlink() and Path(os.readlink(link)) == f.path.resolve()):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            tmp = link.with_name(f"{link.name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(f.path.resolve())
+            tmp.replace(link)
+        return link
 
     @property
     def images(self) -> tuple[str, ...]:

@@ -138,11 +138,10 @@ class HostAccess(pulumi.ComponentResource):
     def upload(self, rel: str, parent: pulumi.Resource) -> remote.CopyToRemote:
         """Copy one bundle file to the host's staging dir (re-copied only when it changes)."""
         if rel not in self._uploads:
-            local = self.bundle.get(rel)
             self._uploads[rel] = remote.CopyToRemote(
                 f"{self.machine.name}-upload-{rel.replace('/', '-')}",
                 connection=self.machine.connection(),
-                source=pulumi.FileAsset(str(local.path)),
+                source=pulumi.FileAsset(str(self.bundle.blob(rel))),
                 remote_path=f"{STAGE}/{rel}",
                 # A replaced machine gets every file again (an upload has no remote side to delete).
                 triggers=[self.machine.identity],

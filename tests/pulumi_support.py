@@ -96,14 +96,17 @@ class Project:
         }
         self.env.pop("PULUMI_CONFIG_PASSPHRASE_FILE", None)
         self.run("stack", "init", stack)
-        stack_file = self.dir / f"Pulumi.{stack}.yaml"
-        doc = yaml.safe_load(stack_file.read_text()) if stack_file.exists() else {}
-        doc = doc or {}
+        self.set_cluster(cluster, extra)
+        for key, value in (secrets or {}).items():
+            self.run("config", "set", "--secret", key, value)
+
+    def set_cluster(self, cluster: dict, extra: dict | None = None) -> None:
+        """Write ``kubelab:cluster`` (and ``extra`` keys) into the stack file, keeping the rest."""
+        stack_file = self.dir / f"Pulumi.{self.stack}.yaml"
+        doc = (yaml.safe_load(stack_file.read_text()) if stack_file.exists() else {}) or {}
         doc.setdefault("config", {})["kubelab:cluster"] = cluster
         doc["config"].update(extra or {})
         stack_file.write_text(yaml.safe_dump(doc))
-        for key, value in (secrets or {}).items():
-            self.run("config", "set", "--secret", key, value)
 
     def run(self, *args: str, check: bool = True, timeout: float = 1800, in_netns: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [*(self.prefix if in_netns else []), "pulumi", *args, "--non-interactive", "--stack", self.stack] \

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from components.versions import bundle_key, load_versions
+from tests import diff_contract
 from tests.pulumi_support import REAL_CACHE, REPO, Project, toolchain_bin
 
 pytestmark = pytest.mark.e2e
@@ -255,6 +256,22 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         assert changed == [], f"second up changed {changed}"
         assert t["noop_uploaded_bytes"] == 0
         log(f"no-op preview {t['noop_preview_s']} s, no-op up {t['noop_up_s']} s")
+
+        # --- the pull-request diff contract: each change previewed against the live stack ----
+        t0 = time.monotonic()
+        t["diff_contract"] = []
+        for case in diff_contract.CASES:
+            result = diff_contract.run_case(project, raw, nodes_cfg, case)
+            t["diff_contract"].append(result)
+            t.save()
+            log(f"diff contract, {case.change}: {'as promised' if result['ok'] else 'BROKEN'} "
+                f"({len(result['planned'])} planned; diff {result['diff_excerpt'][:1]})")
+        t["diff_contract_s"] = round(time.monotonic() - t0, 1)
+        t.save()
+        broken = [r for r in t["diff_contract"] if not r["ok"]]
+        assert not broken, f"the preview diff contract is broken:\n{json.dumps(broken, indent=1)}"
+        proc = project.run("preview", "--expect-no-changes", check=False, timeout=1200)
+        assert proc.returncode == 0, f"the stack config was not put back:\n{proc.stdout[-6000:]}"
 
         # --- a replaced machine comes back with all of its steps, and only its own -----------
         if TOPOLOGY == "1+2":

@@ -7,11 +7,13 @@ monitor), not from the code: a missing ``depends_on`` fails here.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 
 import pytest
 
-from tests.conftest import base_config
+from components.versions import bundle_key, load_versions
+from tests.conftest import base_config, make_bundle
 from tests.mockrun import Graph, Registration, run_program
 
 CMD = "command:remote:Command"
@@ -251,6 +253,37 @@ def test_a_setting_changes_exactly_the_steps_it_belongs_to(module_cache, setting
     assert {name for name in old if old[name] != new[name]} == expected
     for name in expected:
         assert line in new[name]["create"] and line not in old[name]["create"]
+
+
+K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl")
+
+
+def test_a_kubernetes_patch_version_changes_its_binaries_uploads_and_installs_only(module_cache):
+    """The diff contract's version row: a new patch release changes the uploads of the binaries
+    it replaces and the steps that install them; etcd, containerd, flannel and every config stay."""
+    raw = base_config(module_cache, "libvirt")
+    before = run_program(raw)
+    versions = {**load_versions()["node"], "kubernetes": "1.36.5"}
+    bundle = make_bundle(module_cache / "bundles" / bundle_key(versions), versions)
+    for b in K8S_BINARIES:  # a new release: new bytes, new checksums
+        (bundle / "bin" / b).write_bytes(f"{b} v1.36.5\n".encode())
+    (bundle / "SHA256SUMS").write_text("".join(
+        f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(bundle)}\n"
+        for f in sorted(bundle.rglob("*")) if f.is_file() and f.name not in ("SHA256SUMS", "versions.json")))
+    after = run_program({**raw, "versions": {"kubernetes": "1.36.5"}})
+
+    def inputs(g: Graph) -> dict[str, dict]:
+        return {r.name: r.inputs for r in g.find(CMD) + g.find(COPY)}
+
+    old, new = inputs(before), inputs(after)
+    assert old.keys() == new.keys()
+    changed = {name for name in old if old[name] != new[name]}
+    uploads = {name for name in old if any(name.endswith(f"-upload-bin-{b}") for b in K8S_BINARIES)}
+    installs = {name for name, i in old.items()
+                if "create" in i and any(f"install_bin bin/{b} " in i["create"] for b in K8S_BINARIES)}
+    assert uploads and installs
+    assert changed == uploads | installs, sorted(changed ^ (uploads | installs))
+    assert not any("etcd" in name or "containerd" in name or "flanneld" in name for name in changed)
 
 
 def test_exports_present(lab):

@@ -1,0 +1,99 @@
+"""The pull-request diff contract: what ``pulumi preview`` plans for each kind of change.
+
+One definition, used twice: the e2e runs every case as a real ``pulumi preview --json`` and
+``--diff`` against the live lab stack (then puts the config back), and a fast test checks that
+the README's "What a pull request will show" table is exactly ``readme_rows()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tests.pulumi_support import Project, planned
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Steps a new node must change besides its own resources: the wait for every node to be Ready
+# lists all nodes, and the node's drain-on-removal step lives on the first master.
+SHARED_ON_NEW_NODE = ("{first}-cluster-ready: update", "{first}-remove-node-{new}: create")
+
+
+@dataclass(frozen=True)
+class Case:
+    change: str  # README wording of the change
+    shows: str  # README wording of what the preview plans
+    mutate: Callable[[dict], None]
+    line: str  # a changed line the human --diff shows (the new value)
+
+
+def _more_workers(raw: dict) -> None:
+    raw["workers"] = {**raw.get("workers", {}), "count": raw.get("workers", {}).get("count", 2) + 1}
+
+
+def _more_master_memory(raw: dict) -> None:
+    raw["masters"] = {**raw.get("masters", {}), "memory_mib": raw.get("masters", {}).get("memory_mib", 2048) + 512}
+
+
+CASES = [
+    Case("a kubelet setting (`kubelet.max_pods: 60`)", "an update of each workload node's `kubelet` step, nothing else",
+         lambda r: r.update(kubelet={"max_pods": 60}), "maxPods: 60"),
+    Case("an apiserver flag (`apiserver.service_node_port_range: 31000-31999`)",
+         "an update of each master's `kube-apiserver` step, nothing else",
+         lambda r: r.update(apiserver={"service_node_port_range": "31000-31999"}), "--service-node-port-range=31000-31999"),
+    Case("`workers.count` + 1", "creates for the new node only (machine, certificates, uploads, steps), plus an update "
+         "of `cluster-ready` (it lists every node) and the create of the new node's `remove-node-<node>` step",
+         _more_workers, "worker-"),
+    Case("`masters.memory_mib` + 512 on libvirt", "each master domain's update, or its replace where the libvirt "
+         "provider decides so, and then the re-run of that master's own uploads and steps (its new machine "
+         "identity); no other node's", _more_master_memory, "memory"),
+]
+
+
+def readme_rows() -> list[str]:
+    return [f"| {c.change} | {c.shows} |" for c in CASES]
+
+
+def expected_ops(case: Case, raw: dict, nodes: list[dict], ops: dict[str, str]) -> dict[str, str] | None:
+    """The exact operations ``case`` must plan on this topology (None: judged by ``ops``)."""
+    masters = [n["name"] for n in nodes if n["role"] == "master"]
+    workload = [n["name"] for n in nodes if n["runs_workloads"]]
+    first = masters[0]
+    if case.mutate is CASES[0].mutate:
+        return {f"{n}-kubelet": "update" for n in workload}
+    if case.mutate is CASES[1].mutate:
+        return {f"{n}-kube-apiserver": "update" for n in masters}
+    if case.mutate is _more_workers:
+        new = f"worker-{sum(1 for n in nodes if n['role'] == 'worker') + 1}"
+        want = dict(s.format(first=first, new=new).split(": ") for s in SHARED_ON_NEW_NODE)
+        want.update({name: "create" for name in ops if new in name and name not in want})
+        return want
+    if case.mutate is _more_master_memory:
+        want: dict[str, str] = {}
+        for m in masters:
+            if ops.get(m) == "update":
+                want[m] = "update"
+            else:  # replaced: the domain's replace steps, and its own uploads and steps re-run
+                want.update({k: v for k, v in ops.items() if k == m or k.startswith(f"{m}-")})
+                want.setdefault(m, "replace")
+        return want
+    raise AssertionError(f"no expectation for {case.change}")
+
+
+def run_case(project: Project, raw: dict, nodes: list[dict], case: Case) -> dict:
+    """Preview ``case`` against the live stack; the planned operations, the diff line, a verdict."""
+    changed = copy.deepcopy(raw)
+    case.mutate(changed)
+    project.set_cluster(changed)
+    try:
+        preview, proc = project.preview_json(check=False)
+        assert proc.returncode == 0, f"preview of {case.change} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+        ops = {s["name"]: s["op"] for s in planned(preview) if s["op"] not in ("same", "read")}
+        human = ANSI.sub("", project.run("preview", "--diff", timeout=1200).stdout)
+    finally:
+        project.set_cluster(raw)
+    diff_lines = [ln for ln in human.splitlines() if ln.lstrip().startswith(("+", "~")) and case.line in ln]
+    want = expected_ops(case, raw, nodes, ops)
+    return {"change": case.change, "planned": ops, "expected": want, "ok": ops == want and bool(diff_lines),
+            "diff_excerpt": diff_lines[:6]}
