@@ -36,9 +36,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 
 venv: $(VENV)/.installed
 
-# systemd-analyze (Debian's systemd) verifies rendered units; kubectl comes from the bundle when built.
-test-deps:
+# systemd-analyze (Debian's systemd) verifies rendered units; kubectl comes from the bundle when built;
+# actionlint (pinned in versions.toml [checks]) is built once from its Go module into the cache.
+test-deps: venv
 	@command -v systemd-analyze >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
+	@$(PYTHON) tools/toolchain.py actionlint >/dev/null
 
 lint: venv
 	$(VENV)/bin/ruff check .

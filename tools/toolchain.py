@@ -1,6 +1,6 @@
 """Offline toolchain entry point (``make tools``).
 
-    python3 tools/toolchain.py all|pulumi|bundle|where
+    python3 tools/toolchain.py all|pulumi|bundle|where|actionlint
 
 ``pulumi`` builds the Pulumi CLI and the Python language host and links them into
 ``$KUBELAB_CACHE/bin``; ``bundle`` builds the node bundle; ``all`` does both. Each action ends
@@ -84,13 +84,34 @@ def build_bundle(timings: dict[str, float]) -> bool:
     return True
 
 
+def actionlint_path() -> Path:
+    """Where the pinned actionlint lives once built."""
+    return cache_root() / f"actionlint-v{kltools.versions()['checks']['actionlint']}" / "actionlint"
+
+
+def build_actionlint(timings: dict[str, float]) -> Path:
+    """actionlint (the fast tier lints .github/workflows with it), from its Go module."""
+    version = kltools.versions()["checks"]["actionlint"]
+
+    def build(tmp: Path) -> None:
+        kltools.run(["go", "install", f"github.com/rhysd/actionlint/cmd/actionlint@v{version}"],
+                    env={**kltools.go_env(), "GOBIN": str(tmp), "CGO_ENABLED": "0"})
+
+    return kltools.cached(f"actionlint-v{version}", build, timings) / "actionlint"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run one action; exit status 1 if anything is missing."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=["all", "pulumi", "bundle", "where"])
+    ap.add_argument("action", choices=["all", "pulumi", "bundle", "where", "actionlint"])
     args = ap.parse_args(argv)
     if args.action == "where":
         return where()
+    if args.action == "actionlint":
+        timings_lint: dict[str, float] = {}
+        print(build_actionlint(timings_lint))
+        save_times(timings_lint)
+        return 0
     timings: dict[str, float] = {}
     start = time.monotonic()
     ok = True

@@ -1,0 +1,63 @@
+"""Files a team starts from: the pull-request workflow, the example stacks, the README's diff table."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import yaml
+
+from components.config import parse_cluster_config
+from tests.conftest import PUBKEY, REPO
+from tests.diff_contract import readme_rows
+
+sys.path.insert(0, str(REPO / "tools"))
+
+
+def test_workflows_pass_actionlint():
+    from toolchain import actionlint_path
+
+    lint = actionlint_path()
+    assert lint.exists(), f"{lint} is missing: `make test-deps` builds it (versions.toml [checks])"
+    workflows = sorted((REPO / ".github/workflows").glob("*.yml"))
+    assert workflows
+    proc = subprocess.run([str(lint), "-no-color", *map(str, workflows)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_preview_workflow_comments_the_diff_and_gates_up():
+    wf = yaml.safe_load((REPO / ".github/workflows/preview.yml").read_text())
+    jobs = wf["jobs"]
+    pulumi_steps = {name: next(s for s in job["steps"] if str(s.get("uses", "")).startswith("pulumi/actions@"))
+                    for name, job in jobs.items()}
+    preview = pulumi_steps["preview"]["with"]
+    assert (preview["command"], preview["diff"], preview["comment-on-pr"]) == ("preview", True, True)
+    assert jobs["preview"]["permissions"]["pull-requests"] == "write"
+    assert pulumi_steps["up"]["with"]["command"] == "up" and jobs["up"]["environment"] == "kubelab-up"
+    uses = [s["uses"] for job in jobs.values() for s in job["steps"] if "uses" in s]
+    assert all(re.search(r"@v\d+\.\d+\.\d+$", u) for u in uses), f"unpinned actions: {uses}"
+    assert wf["env"]["PULUMI_VERSION"] == tomllib.loads((REPO / "versions.toml").read_text())["pulumi"]["cli"]
+
+
+@pytest.mark.parametrize("stack", ["do-example", "static-example"])
+def test_example_stacks_are_valid(stack, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh/id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (home / ".ssh/id_ed25519.pub").write_text(PUBKEY + "\n")
+    monkeypatch.setenv("HOME", str(home))
+    doc = yaml.safe_load((REPO / f"Pulumi.{stack}.yaml").read_text())
+    cfg = parse_cluster_config(doc["config"]["kubelab:cluster"], stack)
+    assert [n.role for n in cfg.nodes] == ["master", "worker", "worker"]
+    readme = (REPO / "README.md").read_text()
+    assert f"Pulumi.{stack}.yaml" in readme
+
+
+def test_readme_diff_table_is_the_e2e_contract():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## What a pull request will show", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and not ln.startswith("| change")]
+    assert rows == readme_rows()
