@@ -55,7 +55,8 @@ class ServiceProxy(pulumi.ComponentResource):
 
 
 class WorkerNode(pulumi.ComponentResource):
-    """containerd → kubelet → kube-proxy on one node; every step waits for the control plane."""
+    """containerd → kubelet → kube-proxy on one node; containerd installs while the control
+    plane bootstraps, kubelet and kube-proxy wait for it."""
 
     def __init__(self, node: NodeSpec, cfg: ClusterConfig, host: HostAccess, pki: ClusterPki,
                  api_server: pulumi.Input[str], control_plane_ready: Sequence[pulumi.Resource],
@@ -75,11 +76,13 @@ class WorkerNode(pulumi.ComponentResource):
                 units=["kubelab-metadata-block"],
                 files=[File("/etc/systemd/system/kubelab-metadata-block.service", render(
                     "systemd/kubelab-metadata-block.service.j2", pod_cidr=net.pod_cidr, metadata_address=metadata))],
-            ), parent=self, depends_on=ready)
+            ), parent=self)
             first = [block]
             self.steps.append(block)
 
-        # 1. containerd, runc and the CNI plugins; preloaded images (pause, CoreDNS).
+        # 1. containerd, runc and the CNI plugins; preloaded images (pause, CoreDNS). Needs
+        #    nothing from the control plane, so it installs and imports its images while the
+        #    masters bootstrap (off the critical path); everything after it waits for them.
         self.containerd = host.step("containerd", "scripts/install-containerd.sh.j2", StepSpec(
             units=["containerd"],
             binaries=[Binary("bin/containerd", "/usr/local/bin/containerd"),
@@ -98,7 +101,7 @@ class WorkerNode(pulumi.ComponentResource):
             remove=["/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/cni", "/var/lib/cni"],
             # containerd's KillMode=process leaves shims and containers running: stop them too.
             cleanup=["pkill -f '^/usr/local/bin/containerd-shim-runc-v2 '", "ip link delete cni0"],
-        ), parent=self, depends_on=[*ready, *first])
+        ), parent=self, depends_on=first)
 
         # 2. kubelet: node client certificate (Node authorizer) and serving certificate.
         kubelet_kc = kubeconfig(cfg.name, api_server, pki.ca.cert, pki.kubelet_client[node.name], f"system:node:{node.name}")
