@@ -136,13 +136,14 @@ class HostAccess(pulumi.ComponentResource):
         self.register_outputs({"host": machine.host, "private_address": machine.private_address})
 
     def upload(self, rel: str, parent: pulumi.Resource) -> remote.CopyToRemote:
-        """Copy one bundle file to the host's staging dir (re-copied only when it changes)."""
+        """Copy one bundle file, gzipped, to the host's staging dir (re-copied only when it
+        changes); the step that uses it unpacks it and checks the sha256 of the original."""
         if rel not in self._uploads:
             self._uploads[rel] = remote.CopyToRemote(
                 f"{self.machine.name}-upload-{rel.replace('/', '-')}",
                 connection=self.machine.connection(),
                 source=pulumi.FileAsset(str(self.bundle.blob(rel))),
-                remote_path=f"{STAGE}/{rel}",
+                remote_path=f"{STAGE}/{rel}.gz",
                 # A replaced machine gets every file again (an upload has no remote side to delete).
                 triggers=[self.machine.identity],
                 opts=pulumi.ResourceOptions(parent=parent, depends_on=[self.ready]),

@@ -87,14 +87,17 @@ def slowest(times: dict[str, tuple[float, float, str, str]], t0: float, n: int =
 
 
 def uploaded_bytes(times: dict, bundle: Path) -> dict[str, int]:
-    """Bytes uploaded per node: CopyToRemote resources created or updated in this run."""
+    """Bytes uploaded per node: CopyToRemote resources created or updated in this run, at the
+    size they travel (the gzipped blob of each bundle file, ``Bundle.blob``)."""
+    sums = {name: digest for digest, name in (ln.split(maxsplit=1) for ln in (bundle / "SHA256SUMS").read_text().splitlines() if ln)}
     per: dict[str, int] = {}
     for name, (_, _, op, typ) in times.items():
         if typ != "command:remote:CopyToRemote" or op in ("same", "read"):
             continue
         node, rel = name.split("-upload-", 1)
         folder, file = rel.split("-", 1)
-        per[node] = per.get(node, 0) + (bundle / folder / file).stat().st_size
+        blob = REAL_CACHE / "blobs" / f"{sums[f'{folder}/{file}']}.gz"
+        per[node] = per.get(node, 0) + blob.stat().st_size
     return per
 
 

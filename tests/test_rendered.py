@@ -320,6 +320,45 @@ def test_a_unit_that_will_not_start_reports_node_step_and_journal(tmp_path):
     assert "STATUS-OF-kubelet" in proc.stderr
 
 
+def test_uploads_arrive_gzipped_and_are_installed_only_after_their_sha256_checks(tmp_path, module_cache):
+    """The real ``install_bin`` under real bash: the ``.gz`` a CopyToRemote delivers (the
+    bundle's own blob) is unpacked, checked against the original's sha256, installed; a re-run
+    is a no-op; a blob whose content does not match fails loudly, installing nothing."""
+    from components.binaries import Bundle, LocalFile, sha256_file
+    from components.render import render
+
+    payload = tmp_path / "kubelet"
+    payload.write_bytes(b"\x7fELF pretend kubelet " * 5000)
+    bundle = Bundle(root=tmp_path, files={"bin/kubelet": LocalFile(payload, sha256_file(payload))})
+    blob = bundle.blob("bin/kubelet")
+    assert blob.name == f"{sha256_file(payload)}.gz" and blob.stat().st_size < payload.stat().st_size / 10
+    assert bundle.blob("bin/kubelet").read_bytes() == blob.read_bytes()  # deterministic, made once
+    stage, dest = tmp_path / "stage", tmp_path / "root/usr/local/bin/kubelet"
+    (stage / "bin").mkdir(parents=True)
+    shutil.copy(blob, stage / "bin/kubelet.gz")  # what the upload puts on the node
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "systemctl").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "systemctl").chmod(0o755)
+
+    def run(sha: str) -> subprocess.CompletedProcess[str]:
+        script = render("scripts/install-service.sh.j2", node="worker-1", machine_id="uuid-1", step="kubelet", units=[],
+                        files=[], secret_files=[], images=[], dirs=[], checks=[],
+                        binaries=[{"name": "bin/kubelet", "sha256": sha, "dest": str(dest)}])
+        script = script.replace("STAGE=/var/lib/kubelab/stage", f"STAGE={stage}")
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, timeout=60,
+                              env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+
+    good = sha256_file(payload)
+    assert run(good).returncode == 0 and dest.read_bytes() == payload.read_bytes()
+    mtime = dest.stat().st_mtime_ns
+    assert run(good).returncode == 0 and dest.stat().st_mtime_ns == mtime  # idempotent
+    dest.unlink()
+    (stage / "bin/kubelet").unlink()
+    bad = run("0" * 64)
+    assert bad.returncode != 0 and "checksum mismatch for" in bad.stderr and not dest.exists()
+
+
 def test_control_plane_reaches_services_and_metrics_server_tls_is_verified(lab_files):
     """Aggregator routing (the API server dials endpoints, not ClusterIPs) and kube-proxy on the
     master; metrics-server registered with the cluster CA pinned, verifying kubelets, its key
