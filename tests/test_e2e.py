@@ -548,4 +548,4 @@ def _nodes(raw: dict) -> list[dict]:
     from components.config import parse_cluster_config
 
     cfg = parse_cluster_config(raw, "e2e")
-    return [{"name": n.name, "address": n.address, "runs_workloads": n.runs_workloads} for n in cfg.nodes]
+    return [{"name": n.name, "role": n.role, "address": n.address, "runs_workloads": n.runs_workloads} for n in cfg.nodes]
