@@ -86,6 +86,39 @@ def slowest(times: dict[str, tuple[float, float, str, str]], t0: float, n: int =
              "duration_s": round(v[1] - v[0], 1)} for k, v in rows]
 
 
+def critical_path(times: dict[str, tuple[float, float, str, str]], state: dict, last: str, t0: float) -> list[dict]:
+    """The chain of resources that decided when ``last`` finished: from ``last``, step back to
+    the dependency that finished latest (the one it really waited for), until a resource that
+    waited for nothing timed. ``state`` is ``pulumi stack export``; components in a dependency
+    list stand for their children."""
+    resources = state["deployment"]["resources"]
+    by_urn = {r["urn"]: r for r in resources}
+    children: dict[str, list[str]] = {}
+    for r in resources:
+        if r.get("parent"):
+            children.setdefault(r["parent"], []).append(r["urn"])
+
+    def timed(urn: str, seen: set[str]) -> list[str]:
+        name = urn.rsplit("::", 1)[1]
+        if name in times and not by_urn.get(urn, {}).get("type", "").startswith(("kubelab:", "pulumi:")):
+            return [name]
+        if urn in seen:
+            return []
+        seen.add(urn)
+        return [n for c in children.get(urn, []) for n in timed(c, seen)]
+
+    urn_of = {r["urn"].rsplit("::", 1)[1]: r["urn"] for r in resources if not r["type"].startswith(("kubelab:", "pulumi:"))}
+    chain, name = [], last
+    while name:
+        start, end, _, typ = times[name]
+        chain.append({"name": name, "type": typ, "start_s": round(start - t0, 1), "end_s": round(end - t0, 1),
+                      "duration_s": round(end - start, 1)})
+        deps = [n for d in by_urn[urn_of[name]].get("dependencies", []) for n in timed(d, set())]
+        deps = [d for d in deps if times[d][1] <= start + 1]  # finished before this one began
+        name = max(deps, key=lambda d: times[d][1]) if deps else ""
+    return chain[::-1]
+
+
 def uploaded_bytes(times: dict, bundle: Path) -> dict[str, int]:
     """Bytes uploaded per node: CopyToRemote resources created or updated in this run, at the
     size they travel (the gzipped blob of each bundle file, ``Bundle.blob``)."""
@@ -227,6 +260,11 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         t["up_to_ready_s"] = round(ready[0][1] - up_start, 1)
         t["uploaded_bytes_per_node"] = uploaded_bytes(times, bundle)
         t["slowest_resources"] = slowest(times, up_start)
+        try:  # a measurement: its failure is recorded, never fails the run
+            state1 = json.loads(project.run("stack", "export", "--stack", "e2e").stdout)
+            t["critical_path"] = critical_path(times, state1, next(k for k in times if k.endswith("-cluster-ready")), up_start)
+        except Exception as exc:
+            t["critical_path"] = f"not computed: {exc!r}"
         t["resources"] = len(times)
         t["nodes"] = len(nodes_cfg)
         t.save()

@@ -81,3 +81,27 @@ def test_diff_contract_expectations_hold_for_the_e2e_nodes(topology, config_for)
     new = "worker-3" if topology == "1+2" else "worker-1"
     assert more_workers == {"master-1-cluster-ready": "update", f"master-1-remove-node-{new}": "create"}
     assert set(memory) == {n["name"] for n in nodes if n["role"] == "master"}
+
+
+def test_critical_path_follows_the_dependency_that_finished_last():
+    """The e2e's critical path: from cluster-ready back through whatever each step waited for
+    longest, components standing for their children (synthetic state, real export layout)."""
+    from tests.test_e2e import critical_path
+
+    def res(name: str, typ: str = "command:remote:Command", deps: tuple[str, ...] = (), parent: str = "") -> dict:
+        return {"urn": f"urn:pulumi:e2e::kubelab::{typ}::{name}", "type": typ, "dependencies": list(deps), "parent": parent}
+
+    comp = res("worker-1", "kubelab:worker:WorkerNode")
+    resources = [
+        res("vm", "libvirt:index/domain:Domain"),
+        res("ssh", deps=("urn:pulumi:e2e::kubelab::libvirt:index/domain:Domain::vm",)),
+        res("etcd", deps=("urn:pulumi:e2e::kubelab::command:remote:Command::ssh",)),
+        comp,
+        res("kubelet", deps=("urn:pulumi:e2e::kubelab::command:remote:Command::ssh",), parent=comp["urn"]),
+        res("ready", deps=(comp["urn"], "urn:pulumi:e2e::kubelab::command:remote:Command::etcd")),
+    ]
+    times = {"vm": (0, 5, "create", "libvirt:index/domain:Domain"), "ssh": (5, 100, "create", "c"),
+             "etcd": (100, 130, "create", "c"), "kubelet": (100, 250, "create", "c"), "ready": (250, 300, "create", "c")}
+    chain = critical_path(times, {"deployment": {"resources": resources}}, "ready", 0)
+    assert [c["name"] for c in chain] == ["vm", "ssh", "kubelet", "ready"]
+    assert chain[2]["duration_s"] == 150
