@@ -81,8 +81,10 @@ class WorkerNode(pulumi.ComponentResource):
             self.steps.append(block)
 
         # 1. containerd, runc and the CNI plugins; preloaded images (pause, CoreDNS). Needs
-        #    nothing from the control plane, so it installs and imports its images while the
-        #    masters bootstrap (off the critical path); everything after it waits for them.
+        #    nothing from the control plane, so on a worker it installs and imports its images
+        #    while the masters bootstrap (off the critical path). On a master that also runs
+        #    pods (seed 000) it would compete with etcd and kube-apiserver on the same machine,
+        #    so there it waits for the control plane like everything after it.
         self.containerd = host.step("containerd", "scripts/install-containerd.sh.j2", StepSpec(
             units=["containerd"],
             binaries=[Binary("bin/containerd", "/usr/local/bin/containerd"),
@@ -101,7 +103,7 @@ class WorkerNode(pulumi.ComponentResource):
             remove=["/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/cni", "/var/lib/cni"],
             # containerd's KillMode=process leaves shims and containers running: stop them too.
             cleanup=["pkill -f '^/usr/local/bin/containerd-shim-runc-v2 '", "ip link delete cni0"],
-        ), parent=self, depends_on=first)
+        ), parent=self, depends_on=[*first, *(ready if node.role == "master" else [])])
 
         # 2. kubelet: node client certificate (Node authorizer) and serving certificate.
         kubelet_kc = kubeconfig(cfg.name, api_server, pki.ca.cert, pki.kubelet_client[node.name], f"system:node:{node.name}")
