@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.binaries import read_sums
 from components.versions import bundle_key, load_versions
 from tests import diff_contract
 from tests.pulumi_support import REAL_CACHE, REPO, Project, toolchain_bin
@@ -122,7 +123,7 @@ def critical_path(times: dict[str, tuple[float, float, str, str]], state: dict, 
 def uploaded_bytes(times: dict, bundle: Path) -> dict[str, int]:
     """Bytes uploaded per node: CopyToRemote resources created or updated in this run, at the
     size they travel (the gzipped blob of each bundle file, ``Bundle.blob``)."""
-    sums = {name: digest for digest, name in (ln.split(maxsplit=1) for ln in (bundle / "SHA256SUMS").read_text().splitlines() if ln)}
+    sums = read_sums(bundle / "SHA256SUMS")
     per: dict[str, int] = {}
     for name, (_, _, op, typ) in times.items():
         if typ != "command:remote:CopyToRemote" or op in ("same", "read"):

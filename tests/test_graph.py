@@ -220,6 +220,11 @@ def test_libvirt_objects_replace_cleanly_and_diff_quietly(lab):
         assert d.inputs["networkInterfaces"][0]["addresses"], d.name  # still set on create
 
 
+def step_inputs(g: Graph) -> dict[str, dict]:
+    """Every remote step's and upload's inputs, by name: what a preview would diff."""
+    return {r.name: r.inputs for r in g.find(CMD) + g.find(COPY)}
+
+
 def test_a_replaced_machine_reruns_exactly_its_own_steps_and_uploads(module_cache):
     """A VM replaced (disk, image, size, or deleted by hand) keeps name, address and host key:
     only its new domain id tells. Every step and upload on that node changes, nothing else."""
@@ -227,10 +232,7 @@ def test_a_replaced_machine_reruns_exactly_its_own_steps_and_uploads(module_cach
     before = run_program(raw)
     after = run_program(raw, ids={"worker-1": "worker-1-replaced-uuid"})
 
-    def inputs(g: Graph) -> dict[str, dict]:
-        return {r.name: r.inputs for r in g.find(CMD) + g.find(COPY)}
-
-    old, new = inputs(before), inputs(after)
+    old, new = step_inputs(before), step_inputs(after)
     assert old.keys() == new.keys()
     changed = {name for name in old if old[name] != new[name]}
     on_worker_1 = {name for name in old if name.startswith("worker-1-")}
@@ -251,10 +253,7 @@ def test_a_setting_changes_exactly_the_steps_it_belongs_to(module_cache, setting
     before = run_program(raw)
     after = run_program({**raw, setting: value})
 
-    def inputs(g: Graph) -> dict[str, dict]:
-        return {r.name: r.inputs for r in g.find(CMD) + g.find(COPY)}
-
-    old, new = inputs(before), inputs(after)
+    old, new = step_inputs(before), step_inputs(after)
     assert old.keys() == new.keys()
     assert {name for name in old if old[name] != new[name]} == expected
     for name in expected:
@@ -278,10 +277,7 @@ def test_a_kubernetes_patch_version_changes_its_binaries_uploads_and_installs_on
         for f in sorted(bundle.rglob("*")) if f.is_file() and f.name not in ("SHA256SUMS", "versions.json")))
     after = run_program({**raw, "versions": {"kubernetes": "1.36.5"}})
 
-    def inputs(g: Graph) -> dict[str, dict]:
-        return {r.name: r.inputs for r in g.find(CMD) + g.find(COPY)}
-
-    old, new = inputs(before), inputs(after)
+    old, new = step_inputs(before), step_inputs(after)
     assert old.keys() == new.keys()
     changed = {name for name in old if old[name] != new[name]}
     uploads = {name for name in old if any(name.endswith(f"-upload-bin-{b}") for b in K8S_BINARIES)}
