@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -116,18 +117,46 @@ class Project:
             raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
         return proc
 
-    def run_logged(self, events: Path, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
-        """``run`` with the engine's event stream written to ``events`` (JSON lines).
+    def run_logged(self, events: Path, *args: str, timeout: float = 1800, stall: float = 1800,
+                   check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``run`` with the engine's event stream written to ``events`` (JSON lines), stopped
+        early when the engine goes quiet for ``stall`` seconds.
 
         ``--event-log`` is how the Automation API reads a run's per-resource events; the CLI
         registers the flag only with ``PULUMI_DEBUG_COMMANDS=true``, as the Automation API sets.
+        The stall guard is there because a provider can hang for good (a libvirt storage
+        deadlock once held a CI run for its whole hour): the error names the resources still
+        in flight instead of a bare timeout.
         """
-        saved = self.env
-        self.env = {**saved, "PULUMI_DEBUG_COMMANDS": "true"}
-        try:
-            return self.run(*args, "--event-log", str(events), **kwargs)
-        finally:
-            self.env = saved
+        cmd = [*self.prefix, "pulumi", *args, "--event-log", str(events), "--non-interactive", "--stack", self.stack]
+        env = {**self.env, "PULUMI_DEBUG_COMMANDS": "true"}
+        out_path, err_path = events.with_suffix(".stdout"), events.with_suffix(".stderr")
+        with out_path.open("w") as out, err_path.open("w") as err:
+            proc = subprocess.Popen(cmd, cwd=self.dir, env=env, stdout=out, stderr=err, text=True)
+            start = last_change = time.monotonic()
+            size = -1
+            why = ""
+            while proc.poll() is None:
+                time.sleep(5)
+                now = time.monotonic()
+                cur = events.stat().st_size if events.exists() else 0
+                if cur != size:
+                    size, last_change = cur, now
+                if now - start > timeout:
+                    why = f"timed out after {timeout:.0f} s"
+                elif now - last_change > stall:
+                    why = f"the engine wrote no event for {stall:.0f} s"
+                if why:
+                    proc.kill()
+                    proc.wait()
+                    break
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out_path.read_text(), err_path.read_text())
+        if why:
+            raise AssertionError(f"{' '.join(cmd)}: {why}; resources still in flight: "
+                                 f"{', '.join(in_flight(events)) or 'none'}\n{result.stdout[-6000:]}\n{result.stderr[-4000:]}")
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+        return result
 
     def preview_json(self, *args: str, check: bool = True) -> tuple[dict, subprocess.CompletedProcess[str]]:
         proc = self.run("preview", "--json", *args, check=check)
@@ -135,6 +164,26 @@ class Project:
             return json.loads(proc.stdout), proc
         except json.JSONDecodeError:
             return {}, proc
+
+
+def in_flight(events: Path) -> list[str]:
+    """Resources an engine event log shows started and not yet finished (``op name``)."""
+    pending: dict[str, str] = {}
+    if not events.exists():
+        return []
+    for line in events.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a killed run may be cut short
+        for kind in ("resourcePreEvent", "resOutputsEvent", "resOpFailedEvent"):
+            if kind in e:
+                md = e[kind]["metadata"]
+                if kind == "resourcePreEvent":
+                    pending[md["urn"]] = f"{md['op']} {md['urn'].rsplit('::', 1)[1]}"
+                else:
+                    pending.pop(md["urn"], None)
+    return sorted(pending.values())
 
 
 def planned(preview: dict) -> list[dict]:

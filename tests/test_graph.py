@@ -220,6 +220,18 @@ def test_libvirt_objects_replace_cleanly_and_diff_quietly(lab):
         assert d.inputs["networkInterfaces"][0]["addresses"], d.name  # still set on create
 
 
+def test_libvirt_volumes_are_created_one_at_a_time(request):
+    """Every volume and cloud-init disk of the pool waits for the one before it: libvirt and
+    the provider deadlock on parallel cloud-init uploads (a CI run hung an hour on it)."""
+    for name in ("lab", "seed000"):
+        g = request.getfixturevalue(name)
+        volumes = g.find("libvirt:index/volume:Volume") + g.find("libvirt:index/cloudInitDisk:CloudInitDisk")
+        assert len(volumes) == 1 + 2 * 3, name
+        for i, a in enumerate(volumes):
+            for b in volumes[i + 1:]:
+                assert g.depends_on(a, b) or g.depends_on(b, a), f"{name}: {a.name} and {b.name} may run in parallel"
+
+
 def step_inputs(g: Graph) -> dict[str, dict]:
     """Every remote step's and upload's inputs, by name: what a preview would diff."""
     return {r.name: r.inputs for r in g.find(CMD) + g.find(COPY)}
@@ -245,6 +257,7 @@ def test_a_replaced_machine_reruns_exactly_its_own_steps_and_uploads(module_cach
     ("kubelet", {"max_pods": 60}, {"worker-1-kubelet", "worker-2-kubelet"}, "maxPods: 60"),
     ("apiserver", {"service_node_port_range": "31000-31999"}, {"master-1-kube-apiserver"},
      "--service-node-port-range=31000-31999"),
+    ("etcd", {"heartbeat_interval_ms": 300, "election_timeout_ms": 3000}, {"master-1-etcd"}, "--election-timeout=3000"),
 ])
 def test_a_setting_changes_exactly_the_steps_it_belongs_to(module_cache, setting, value, expected, line):
     """The graph half of the pull-request diff contract (the e2e checks it on the real engine):

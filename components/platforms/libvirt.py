@@ -59,13 +59,23 @@ class LibvirtLab(pulumi.ComponentResource):
         base = libvirt.Volume("base", name=f"{cfg.name}-base.qcow2", pool=pool_name, source=lv.image,
                               format="qcow2", opts=child)
 
+        # The pool's volumes are created one after another, never in parallel: libvirt refuses a
+        # pool refresh while another volume's upload or read-back stream is open ("pool has
+        # asynchronous jobs running"), and with parallel cloud-init disks the provider has been
+        # seen to hang for good (terraform-provider-libvirt#594; it hung a CI run for an hour).
+        # Each is small and copy-on-write, so the chain costs a few seconds.
         self.machines: list[Machine] = []
+        last_volume: pulumi.Resource = base
         for node in cfg.nodes:
-            self.machines.append(self._node(cfg, node, pool_name, base, gateway, net.prefixlen, child))
+            machine, last_volume = self._node(cfg, node, pool_name, base, last_volume, gateway, net.prefixlen, child)
+            self.machines.append(machine)
         self.register_outputs({"network": self.network.name})
 
     def _node(self, cfg: ClusterConfig, node: NodeSpec, pool: pulumi.Input[str], base: libvirt.Volume,
-              gateway: str, prefixlen: int, child: pulumi.ResourceOptions) -> Machine:
+              after: pulumi.Resource, gateway: str, prefixlen: int,
+              child: pulumi.ResourceOptions) -> tuple[Machine, pulumi.Resource]:
+        """One node's volumes (created after ``after``, the pool's previous volume) and domain;
+        returns the machine and the node's last volume."""
         lv = cfg.libvirt
         assert lv is not None and node.address is not None
         role = cfg.masters if node.role == "master" else cfg.workers
@@ -82,10 +92,11 @@ class LibvirtLab(pulumi.ComponentResource):
             meta_data=render("cloud-init/meta-data.yaml.j2", instance_id=full, name=node.name),
             network_config=render("cloud-init/network-config.yaml.j2", mac=mac, address=node.address,
                                   prefixlen=prefixlen, gateway=gateway),
-            opts=child,
+            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[after])),
         )
         disk = libvirt.Volume(f"{node.name}-root", name=f"{full}.qcow2", pool=pool, base_volume_id=base.id,
-                              size=role.disk_gib * GIB, format="qcow2", opts=child)
+                              size=role.disk_gib * GIB, format="qcow2",
+                              opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[cloudinit])))
         xml = None
         if lv.cpu_mode == "custom" and lv.cpu_model:
             xml = libvirt.DomainXmlArgs(xslt=render("libvirt/cpu-model.xsl.j2", model=lv.cpu_model))
@@ -112,7 +123,7 @@ class LibvirtLab(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(
                 ignore_changes=["networkInterfaces[0].addresses"])),
         )
-        return Machine(
+        machine = Machine(
             spec=node,
             host=node.address,
             private_address=node.address,
@@ -122,6 +133,7 @@ class LibvirtLab(pulumi.ComponentResource):
             identity=domain.id,
             depends_on=[domain],
         )
+        return machine, disk
 
 
 def create_machines(cfg: ClusterConfig, parent: pulumi.Resource) -> Fleet:
