@@ -144,6 +144,15 @@ class KubeletConfig:
 
 
 @dataclass(frozen=True)
+class EtcdConfig:
+    """etcd's Raft timing. The defaults are etcd's own; slow or emulated machines (TCG labs,
+    busy hosts) need longer ones, or members keep losing their leader and clients time out."""
+
+    heartbeat_interval_ms: int = 100
+    election_timeout_ms: int = 1000
+
+
+@dataclass(frozen=True)
 class ApiServerConfig:
     """kube-apiserver settings a user may change."""
 
@@ -184,6 +193,7 @@ class ClusterConfig:
     addons: dict[str, bool]
     pod_security: PodSecurityConfig
     kubelet: KubeletConfig
+    etcd: EtcdConfig
     apiserver: ApiServerConfig
     libvirt: LibvirtConfig | None
     digitalocean: DigitalOceanConfig | None
@@ -314,7 +324,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
     r.unknown(
         raw,
         {"name", "platform", "versions", "masters", "workers", "masters_run_workloads", "network",
-         "ssh", "binaries", "registry_mirrors", "addons", "pod_security", "kubelet", "apiserver", "libvirt",
+         "ssh", "binaries", "registry_mirrors", "addons", "pod_security", "kubelet", "etcd", "apiserver", "libvirt",
          "digitalocean", "static"},
         "cluster",
     )
@@ -601,6 +611,17 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
     if not 10 <= max_pods <= MAX_PODS_LIMIT:
         problems.append(f"kubelet.max_pods: {max_pods} is out of range; flannel gives each node a /24 (254 addresses), "
                         f"so choose 10 to {MAX_PODS_LIMIT} (default {KubeletConfig.max_pods})")
+    etcd_raw = r.section(raw, "etcd", "cluster")
+    r.unknown(etcd_raw, {"heartbeat_interval_ms", "election_timeout_ms"}, "etcd")
+    heartbeat = r.get(etcd_raw, "heartbeat_interval_ms", "etcd", int, EtcdConfig.heartbeat_interval_ms)
+    election = r.get(etcd_raw, "election_timeout_ms", "etcd", int, EtcdConfig.election_timeout_ms)
+    if not 10 <= heartbeat <= 5000:
+        problems.append(f"etcd.heartbeat_interval_ms: {heartbeat} is out of range; choose 10 to 5000 "
+                        f"(etcd's default {EtcdConfig.heartbeat_interval_ms}; about the round trip between masters)")
+    elif not 5 * heartbeat <= election <= 50000:
+        problems.append(f"etcd.election_timeout_ms: {election} must be at least 5 x etcd.heartbeat_interval_ms "
+                        f"({5 * heartbeat}) and at most 50000 (etcd refuses to start otherwise); "
+                        f"etcd's default is {EtcdConfig.election_timeout_ms}, 10 x the heartbeat is usual")
     api_raw = r.section(raw, "apiserver", "cluster")
     r.unknown(api_raw, {"service_node_port_range"}, "apiserver")
     port_range = r.get(api_raw, "service_node_port_range", "apiserver", str, ApiServerConfig.service_node_port_range)
@@ -629,7 +650,8 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
             access_cidrs=tuple(access), upstream_dns=tuple(upstream),
         ),
         ssh=ssh, binaries=binaries, registry_mirrors=mirrors, addons=addons, pod_security=pod_security,
-        kubelet=KubeletConfig(max_pods=max_pods), apiserver=ApiServerConfig(service_node_port_range=port_range),
+        kubelet=KubeletConfig(max_pods=max_pods),
+        etcd=EtcdConfig(heartbeat_interval_ms=heartbeat, election_timeout_ms=election), apiserver=ApiServerConfig(service_node_port_range=port_range),
         libvirt=libvirt_cfg, digitalocean=do_cfg,
     )
 

@@ -40,7 +40,8 @@ class ControlPlane(pulumi.ComponentResource):
             n = m.machine.name
             unit = pulumi.Output.all(m.machine.private_address, initial_cluster).apply(lambda v, n=n: render(
                 "systemd/etcd.service.j2", name=n, address=v[0], initial_cluster=v[1],
-                cluster_token=f"{cfg.name}-etcd"))
+                cluster_token=f"{cfg.name}-etcd", heartbeat_ms=cfg.etcd.heartbeat_interval_ms,
+                election_ms=cfg.etcd.election_timeout_ms))
             self.etcd[n] = m.step("etcd", "scripts/install-etcd.sh.j2", StepSpec(
                 units=["etcd"],
                 binaries=[Binary("bin/etcd", "/usr/local/bin/etcd"), Binary("bin/etcdctl", "/usr/local/bin/etcdctl")],

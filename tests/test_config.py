@@ -26,6 +26,7 @@ def test_valid_lab_config_parses_with_defaults(config_for):
     assert (cfg.pod_security.enforce, cfg.pod_security.warn) == ("baseline", "restricted")
     assert cfg.kubelet.max_pods == 110
     assert cfg.apiserver.node_port_range == (30000, 32767)
+    assert (cfg.etcd.heartbeat_interval_ms, cfg.etcd.election_timeout_ms) == (100, 1000)  # etcd's own
 
 
 def test_seed_000_master_is_also_a_node(config_for):
@@ -121,6 +122,10 @@ CASES = [
      ["apiserver.service_node_port_range: '30000:32767'", "LOW-HIGH"]),
     ("node-port-range-over-host-ports", lambda r: r.update(apiserver={"service_node_port_range": "6000-11000"}),
      ["apiserver.service_node_port_range: 6000-11000", "6443 (kube-apiserver)", "10250 (kubelet)"]),
+    ("etcd-election-too-short-for-heartbeat", lambda r: r.update(etcd={"heartbeat_interval_ms": 500, "election_timeout_ms": 1000}),
+     ["etcd.election_timeout_ms: 1000", "at least 5 x etcd.heartbeat_interval_ms (2500)"]),
+    ("etcd-heartbeat-out-of-range", lambda r: r.update(etcd={"heartbeat_interval_ms": 0}),
+     ["etcd.heartbeat_interval_ms: 0", "10 to 5000"]),
     ("unknown-kubelet-setting", lambda r: r.update(kubelet={"maxPods": 20}),
      ["kubelet.maxPods", "unknown setting"]),
 ]
