@@ -241,6 +241,34 @@ class Lab:
             proc.check_returncode()
         return proc
 
+    def purge(self, cluster: str) -> list[str]:
+        """Remove every domain, network, volume and pool file named after ``cluster`` (the
+        cluster's own name prefix only). For a test that finds what an interrupted run left
+        behind, or that a failed ``pulumi destroy`` could not remove. Returns what it removed."""
+        removed = []
+        for dom in self.virsh("list", "--all", "--name", check=False).stdout.split():
+            if dom.startswith(f"{cluster}-"):
+                self.virsh("destroy", dom, check=False)
+                self.virsh("undefine", dom, "--nvram", check=False)
+                removed.append(f"domain {dom}")
+        for net in self.virsh("net-list", "--all", "--name", check=False).stdout.split():
+            if net == cluster:
+                self.virsh("net-destroy", net, check=False)
+                self.virsh("net-undefine", net, check=False)
+                removed.append(f"network {net}")
+        self.virsh("pool-refresh", self.pool, check=False)
+        for line in self.virsh("vol-list", self.pool, check=False).stdout.splitlines():
+            vol = line.split()[0] if line.split() else ""
+            if vol.startswith(f"{cluster}-"):
+                self.virsh("vol-delete", vol, "--pool", self.pool, check=False)
+                removed.append(f"volume {vol}")
+        for path in Path(self.pool_dir).glob(f"{cluster}-*"):
+            path.unlink(missing_ok=True)
+            removed.append(f"file {path}")
+        if removed:
+            log(f"purged what {cluster} left behind: {', '.join(removed)}")
+        return removed
+
     def netns_exists(self) -> bool:
         return (NETNS_DIR / self.netns).exists()
 

@@ -218,6 +218,11 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
     t.save()
     lab = Lab(state_file=tmp_path / "lab-state.json")
     lab.up()
+    # An earlier run cut short (killed, or a destroy that failed) must not break this one:
+    # CI reuses the machine, and libvirt keeps the definitions.
+    stale = lab.purge(NAME)
+    if stale:
+        log(f"removed what an earlier run left behind: {stale}")
     raw = cluster_config(prerequisites)
     nodes_cfg = _nodes(raw)
     project = Project(tmp_path, "e2e", raw, prefix=lab.exec_prefix())
@@ -386,6 +391,9 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
                 log(f"could not collect the node journals: {exc}")
             log("cleaning up after a failure: pulumi destroy")
             project.run("destroy", "--yes", "--skip-preview", check=False, timeout=1800)
+            left = lab.purge(NAME)
+            if left:
+                log(f"pulumi destroy left these behind (removed now): {left}")
         lab.down()
         t.save()
         summary = {k: t.get(k) for k in ("passed", "nodes", "vm_boot_to_ssh_s", "up_total_s", "up_to_ready_s",
