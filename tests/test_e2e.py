@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,20 @@ def uploaded_bytes(times: dict, bundle: Path) -> dict[str, int]:
         blob = REAL_CACHE / "blobs" / f"{sums[f'{folder}/{file}']}.gz"
         per[node] = per.get(node, 0) + blob.stat().st_size
     return per
+
+
+def rollout_seconds(deployments: dict) -> dict[str, float]:
+    """Per kube-system Deployment (``kubectl get deploy -o json``): seconds from its creation
+    to its Available condition, what an addon adds to the wait for a usable cluster."""
+    def at(stamp: str) -> float:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+    out = {}
+    for d in deployments["items"]:
+        avail = next((c for c in d["status"].get("conditions", []) if c["type"] == "Available" and c["status"] == "True"), None)
+        if avail:
+            out[d["metadata"]["name"]] = round(at(avail["lastTransitionTime"]) - at(d["metadata"]["creationTimestamp"]), 1)
+    return out
 
 
 def first_event(evs: list[dict]) -> float:
@@ -283,6 +298,14 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
 
         verify_cluster(in_ns, kubeconfig, kubectl_bin, nodes_cfg, api, prerequisites, tmp_path, raw["network"]["service_cidr"])
         verify_security(in_ns, kubeconfig, kubectl_bin, nodes_cfg[0]["address"], prerequisites["key"], raw["network"]["etcd_prefix"])
+        try:  # a measurement: what each addon costs (bytes per workload node, seconds to Available)
+            deploys = json.loads(in_ns(kubectl_bin, "--kubeconfig", str(kubeconfig), "-n", "kube-system", "get",
+                                       "deployments", "-o", "json").stdout)
+            sums = read_sums(bundle / "SHA256SUMS")
+            t["addons"] = {"rollout_s": rollout_seconds(deploys), "image_bytes_per_workload_node": {
+                f: (REAL_CACHE / "blobs" / f"{sums[f]}.gz").stat().st_size for f in sums if f.startswith("images/")}}
+        except Exception as exc:
+            t["addons"] = f"not measured: {exc!r}"
         t["checks"] = {}
         try:
             verify_control_plane_reaches_services(in_ns, kubeconfig, kubectl_bin, nodes_cfg, tmp_path, t["checks"])

@@ -105,3 +105,17 @@ def test_critical_path_follows_the_dependency_that_finished_last():
     chain = critical_path(times, {"deployment": {"resources": resources}}, "ready", 0)
     assert [c["name"] for c in chain] == ["vm", "ssh", "kubelet", "ready"]
     assert chain[2]["duration_s"] == 150
+
+
+def test_rollout_seconds_from_creation_to_available():
+    """The e2e's addon cost: creation to Available=True; a Deployment not yet Available is left out."""
+    from tests.test_e2e import rollout_seconds
+
+    deploys = {"items": [
+        {"metadata": {"name": "coredns", "creationTimestamp": "2026-11-24T04:10:00Z"},
+         "status": {"conditions": [{"type": "Progressing", "status": "True", "lastTransitionTime": "2026-11-24T04:10:01Z"},
+                                   {"type": "Available", "status": "True", "lastTransitionTime": "2026-11-24T04:11:30Z"}]}},
+        {"metadata": {"name": "metrics-server", "creationTimestamp": "2026-11-24T04:10:00Z"},
+         "status": {"conditions": [{"type": "Available", "status": "False", "lastTransitionTime": "2026-11-24T04:10:02Z"}]}},
+    ]}
+    assert rollout_seconds(deploys) == {"coredns": 90.0}
