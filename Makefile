@@ -20,11 +20,12 @@ export PULUMI_PYTHON_CMD ?= $(CURDIR)/$(VENV)/bin/python
 LAB := $(PYTHON) lab/harness.py
 IN_LAB := ip netns exec kubelab
 
-.PHONY: help venv test lint test-deps build-deps tools bundle lab-deps image engine e2e e2e-seed000 e2e-static lab-stack up down kubectl preview
+.PHONY: help venv test lint test-deps build-deps tools bundle lab-deps image engine e2e e2e-seed000 e2e-static lab-stack up down kubectl preview etcd-backup etcd-restore
 
 help:
 	@echo "make up       build everything needed and bring up the '$(STACK)' stack (1 master + 2 workers on libvirt)"
 	@echo "make kubectl ARGS='get nodes'   kubectl against it;  make down   destroy it"
+	@echo "make etcd-backup / make etcd-restore [SNAPSHOT=file]   etcd snapshot now / restore the newest (1 master)"
 	@echo "make test     fast tests (config, resource graph, rendered files);  make engine / make e2e   slow tiers"
 	@echo "make tools    offline toolchain (Pulumi CLI, language host, node bundle) into $(KUBELAB_CACHE);"
 	@echo "              ends by listing the provider plugins Pulumi can and cannot find"
@@ -106,6 +107,15 @@ preview: lab-stack
 kubectl:
 	@kc=$$(mktemp); trap 'rm -f $$kc' EXIT; pulumi stack output kubeconfig --show-secrets --stack $(STACK) > $$kc; \
 	  $(IN_LAB) $$(ls $(KUBELAB_CACHE)/bundles/*/bin/kubectl | head -n1) --kubeconfig $$kc $(ARGS)
+
+# etcd snapshots of the lab stack's masters (the timer takes one every backup.interval).
+etcd-backup: lab-stack
+	$(LAB) up
+	$(IN_LAB) $(VENV)/bin/python tools/etcd_ops.py backup --stack $(STACK)
+
+etcd-restore: lab-stack
+	$(LAB) up
+	$(IN_LAB) $(VENV)/bin/python tools/etcd_ops.py restore --stack $(STACK) $(if $(SNAPSHOT),--snapshot $(SNAPSHOT))
 
 down: lab-stack
 	$(LAB) up

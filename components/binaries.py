@@ -32,7 +32,7 @@ from components.config import BinariesConfig
 from components.versions import bundle_key, cache_root, load_versions
 
 # Bundle files per install step.
-CONTROL_PLANE_FILES = ("bin/etcd", "bin/etcdctl", "bin/kube-apiserver", "bin/kube-controller-manager",
+CONTROL_PLANE_FILES = ("bin/etcd", "bin/etcdctl", "bin/etcdutl", "bin/kube-apiserver", "bin/kube-controller-manager",
                        "bin/kube-scheduler", "bin/kubectl")
 NETWORK_FILES = ("bin/flanneld",)
 WORKER_FILES = ("bin/containerd", "bin/ctr", "bin/containerd-shim-runc-v2", "bin/runc", "cni/bridge",

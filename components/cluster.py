@@ -95,9 +95,11 @@ class Cluster(pulumi.ComponentResource):
 
         self.apiserver_url = pulumi.Output.concat("https://", fleet.api_endpoint, ":6443")
         self.kubeconfig = kubeconfig(cfg.name, self.apiserver_url, pki.ca.cert, pki.admin, "admin")
+        # hostKey: the node's SSH host key (public), to pin when you ssh to it yourself.
         self.nodes = pulumi.Output.all(*[
-            pulumi.Output.all(m.host, m.private_address).apply(
-                lambda v, m=m: {"name": m.name, "role": m.role, "address": v[0], "privateAddress": v[1]})
+            pulumi.Output.all(m.host, m.private_address, m.host_key).apply(
+                lambda v, m=m: {"name": m.name, "role": m.role, "address": v[0], "privateAddress": v[1],
+                                "hostKey": v[2]})
             for m in fleet.machines
         ])
         self.register_outputs({"apiserver_url": self.apiserver_url, "kubeconfig": self.kubeconfig, "nodes": self.nodes})

@@ -153,6 +153,16 @@ class EtcdConfig:
 
 
 @dataclass(frozen=True)
+class BackupConfig:
+    """etcd snapshots on every master (a systemd timer), seed 001's "back etcd up" made routine."""
+
+    enabled: bool = True
+    interval: str = "6h"  # a systemd time span: 30min, 6h, 1d
+    keep: int = 7
+    directory: str = "/var/backups/kubelab/etcd"
+
+
+@dataclass(frozen=True)
 class ApiServerConfig:
     """kube-apiserver settings a user may change."""
 
@@ -194,6 +204,7 @@ class ClusterConfig:
     pod_security: PodSecurityConfig
     kubelet: KubeletConfig
     etcd: EtcdConfig
+    backup: BackupConfig
     apiserver: ApiServerConfig
     libvirt: LibvirtConfig | None
     digitalocean: DigitalOceanConfig | None
@@ -324,7 +335,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
     r.unknown(
         raw,
         {"name", "platform", "versions", "masters", "workers", "masters_run_workloads", "network",
-         "ssh", "binaries", "registry_mirrors", "addons", "pod_security", "kubelet", "etcd", "apiserver", "libvirt",
+         "ssh", "binaries", "registry_mirrors", "addons", "pod_security", "kubelet", "etcd", "backup", "apiserver", "libvirt",
          "digitalocean", "static"},
         "cluster",
     )
@@ -622,6 +633,16 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
         problems.append(f"etcd.election_timeout_ms: {election} must be at least 5 x etcd.heartbeat_interval_ms "
                         f"({5 * heartbeat}) and at most 50000 (etcd refuses to start otherwise); "
                         f"etcd's default is {EtcdConfig.election_timeout_ms}, 10 x the heartbeat is usual")
+    backup_raw = r.section(raw, "backup", "cluster")
+    r.unknown(backup_raw, {"enabled", "interval", "keep"}, "backup")
+    backup_on = r.get(backup_raw, "enabled", "backup", bool, BackupConfig.enabled)
+    interval = r.get(backup_raw, "interval", "backup", str, BackupConfig.interval)
+    keep = r.get(backup_raw, "keep", "backup", int, BackupConfig.keep)
+    if not re.fullmatch(r"[1-9][0-9]*(min|h|d)", interval):
+        problems.append(f"backup.interval: {interval!r} is not a time span systemd and kubelab accept; "
+                        f"write a number and min, h or d, e.g. 30min, 6h, 1d (default {BackupConfig.interval})")
+    if not 1 <= keep <= 100:
+        problems.append(f"backup.keep: {keep} is out of range; keep 1 to 100 snapshots (default {BackupConfig.keep})")
     api_raw = r.section(raw, "apiserver", "cluster")
     r.unknown(api_raw, {"service_node_port_range"}, "apiserver")
     port_range = r.get(api_raw, "service_node_port_range", "apiserver", str, ApiServerConfig.service_node_port_range)
@@ -651,7 +672,8 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
         ),
         ssh=ssh, binaries=binaries, registry_mirrors=mirrors, addons=addons, pod_security=pod_security,
         kubelet=KubeletConfig(max_pods=max_pods),
-        etcd=EtcdConfig(heartbeat_interval_ms=heartbeat, election_timeout_ms=election), apiserver=ApiServerConfig(service_node_port_range=port_range),
+        etcd=EtcdConfig(heartbeat_interval_ms=heartbeat, election_timeout_ms=election),
+        backup=BackupConfig(enabled=backup_on, interval=interval, keep=keep), apiserver=ApiServerConfig(service_node_port_range=port_range),
         libvirt=libvirt_cfg, digitalocean=do_cfg,
     )
 

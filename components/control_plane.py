@@ -6,7 +6,7 @@ import pulumi
 
 from components.config import ClusterConfig
 from components.host import Binary, Check, File, HostAccess, SecretFile, StepSpec
-from components.pki import ClusterPki, kubeconfig
+from components.pki import BACKUP_ETCD_USER, ClusterPki, kubeconfig
 from components.render import render
 
 LOCAL_API = "https://127.0.0.1:6443"
@@ -67,11 +67,39 @@ class ControlPlane(pulumi.ComponentResource):
                 "roles": [{"name": "flannel", "permissions": [{"access": "readwrite", "key": prefix, "prefix": True}]},
                           {"name": "kube-etcd-healthcheck", "permissions": [{"access": "read", "key": "health", "prefix": False}]}],
                 "users": [{"name": "kube-apiserver-etcd-client", "role": "root"},
+                          *([{"name": BACKUP_ETCD_USER, "role": "root"}] if cfg.backup.enabled else []),
                           {"name": "flannel", "role": "flannel"},
                           {"name": "kube-etcd-healthcheck-client", "role": "kube-etcd-healthcheck"}],
             },
         ), parent=self, depends_on=etcd_all)
         etcd_all = [*etcd_all, self.etcd_auth]
+
+        # 2b. etcd snapshots on every master, on a timer, kept and verified (restore: README).
+        self.etcd_backup = {}
+        if cfg.backup.enabled:
+            assert pki.etcd_backup_client is not None
+            b = cfg.backup
+            for m in masters:
+                n = m.machine.name
+                ctx = {"name": n, "backup_dir": b.directory}
+                restore = pulumi.Output.all(m.machine.private_address, initial_cluster).apply(
+                    lambda v, ctx=ctx: render("scripts/etcd-restore.sh.j2", **ctx, initial_cluster=v[1],
+                                              cluster_token=f"{cfg.name}-etcd", peer_url=f"https://{v[0]}:2380"))
+                self.etcd_backup[n] = m.step("etcd-backup", "scripts/install-service.sh.j2", StepSpec(
+                    units=["etcd-backup.timer"],
+                    binaries=[Binary("bin/etcdutl", "/usr/local/bin/etcdutl")],
+                    # The snapshots' directory is made by the job and outlives a teardown.
+                    dirs=[("/usr/local/lib/kubelab", "0755")],
+                    files=[File("/etc/systemd/system/etcd-backup.service", render("systemd/etcd-backup.service.j2", **ctx)),
+                           File("/etc/systemd/system/etcd-backup.timer", render("systemd/etcd-backup.timer.j2", interval=b.interval)),
+                           File("/usr/local/lib/kubelab/etcd-backup.sh", render("scripts/etcd-backup.sh.j2", **ctx, keep=b.keep),
+                                mode="0755"),
+                           File("/usr/local/lib/kubelab/etcd-restore.sh", restore, mode="0755"),
+                           File("/etc/etcd/pki/backup-client.crt", pki.etcd_backup_client.cert)],
+                    secret_files=[SecretFile("/etc/etcd/pki/backup-client.key", pki.etcd_backup_client.key)],
+                    remove=["/usr/local/lib/kubelab/etcd-backup.sh", "/usr/local/lib/kubelab/etcd-restore.sh",
+                            "/etc/systemd/system/etcd-backup.service"],
+                ), parent=self, depends_on=[self.etcd[n], self.etcd_auth])
 
         # 3. The flannel network config, written into etcd once (seed 000/001's etcd prefix).
         self.flannel_config = first.step("flannel-network-config", "scripts/write-flannel-config.sh.j2", StepSpec(

@@ -26,6 +26,10 @@ CLIENT = ["digital_signature", "key_encipherment", "client_auth"]
 PEER = ["digital_signature", "key_encipherment", "server_auth", "client_auth"]
 
 
+# etcd user of the snapshot timer (etcd lets only the root role take snapshots).
+BACKUP_ETCD_USER = "kubelab-etcd-backup"
+
+
 @dataclass
 class KeyPair:
     """A certificate (public) and its private key (secret), both PEM."""
@@ -73,6 +77,9 @@ class ClusterPki(pulumi.ComponentResource):
         self.flannel_etcd_client = self._leaf("flannel-etcd-client", self.etcd_ca, "flannel", None, CLIENT)
         # kubelab's own etcd admin (etcd user "root"): enables auth, writes flannel's config.
         self.etcd_root_client = self._leaf("etcd-root-client", self.etcd_ca, "root", None, CLIENT)
+        # The snapshot timer on every master: etcd lets only the root role take snapshots.
+        self.etcd_backup_client = (self._leaf("etcd-backup-client", self.etcd_ca, BACKUP_ETCD_USER, None, CLIENT)
+                                   if cfg.backup.enabled else None)
 
         # Control plane.
         domain = cfg.network.cluster_domain

@@ -27,6 +27,7 @@ def test_valid_lab_config_parses_with_defaults(config_for):
     assert cfg.kubelet.max_pods == 110
     assert cfg.apiserver.node_port_range == (30000, 32767)
     assert (cfg.etcd.heartbeat_interval_ms, cfg.etcd.election_timeout_ms) == (100, 1000)  # etcd's own
+    assert (cfg.backup.enabled, cfg.backup.interval, cfg.backup.keep) == (True, "6h", 7)
 
 
 def test_seed_000_master_is_also_a_node(config_for):
@@ -126,6 +127,9 @@ CASES = [
      ["etcd.election_timeout_ms: 1000", "at least 5 x etcd.heartbeat_interval_ms (2500)"]),
     ("etcd-heartbeat-out-of-range", lambda r: r.update(etcd={"heartbeat_interval_ms": 0}),
      ["etcd.heartbeat_interval_ms: 0", "10 to 5000"]),
+    ("backup-interval-not-a-span", lambda r: r.update(backup={"interval": "6 hours"}),
+     ["backup.interval: '6 hours'", "30min, 6h, 1d"]),
+    ("backup-keep-zero", lambda r: r.update(backup={"keep": 0}), ["backup.keep: 0", "1 to 100"]),
     ("unknown-kubelet-setting", lambda r: r.update(kubelet={"maxPods": 20}),
      ["kubelet.maxPods", "unknown setting"]),
 ]

@@ -366,6 +366,10 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
             proc = project.run("preview", "--expect-no-changes", check=False, timeout=1200)
             assert proc.returncode == 0, f"preview after the replacement planned changes:\n{proc.stdout[-8000:]}"
 
+        # --- etcd: a snapshot through the timer's service, then a restore that brings data back -
+        if TOPOLOGY == "1+2":
+            verify_backup_restore(project, in_ns, kubeconfig, kubectl_bin, nodes_cfg, prerequisites["key"], t)
+
         # --- no plaintext private key in the state -------------------------------------------
         state = project.run("stack", "export", "--stack", "e2e").stdout
         assert "PRIVATE KEY" not in state
@@ -522,6 +526,44 @@ def verify_security(in_ns, kubeconfig: Path, kubectl_bin: str, master: str, key:
 
 
 WEBHOOK_NS = "e2e-webhook"
+
+
+def verify_backup_restore(project: Project, in_ns, kubeconfig: Path, kubectl_bin: str, nodes_cfg: list[dict],
+                          key: Path, t: Timings) -> None:
+    """``make etcd-backup`` / ``make etcd-restore``'s tool against the live stack: a ConfigMap
+    made, a snapshot taken, the ConfigMap deleted, the snapshot restored: it is back and every
+    node is Ready. Records the snapshot's size and the time each part took."""
+    kubectl = [kubectl_bin, "--kubeconfig", str(kubeconfig)]
+    master = next(n for n in nodes_cfg if n["role"] == "master")
+
+    def etcd_ops(action: str) -> float:
+        t0 = time.monotonic()
+        proc = subprocess.run([*project.prefix, str(REPO / ".venv/bin/python"), str(REPO / "tools/etcd_ops.py"), action,
+                               "--stack", project.stack], cwd=project.dir, env=project.env, capture_output=True,
+                              text=True, timeout=1200, check=False)
+        assert proc.returncode == 0, f"etcd_ops.py {action} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+        return round(time.monotonic() - t0, 1)
+
+    timer = in_ns("ssh", *SSH_OPTS, "-i", str(key), f"kubelab@{master['address']}",
+                  "systemctl is-active etcd-backup.timer", check=False).stdout.strip()
+    assert timer == "active", f"etcd-backup.timer on {master['name']}: {timer}"
+    in_ns(*kubectl, "-n", "default", "create", "configmap", "kubelab-restore-probe", "--from-literal=before=backup")
+    t["etcd_backup_s"] = etcd_ops("backup")
+    size = in_ns("ssh", *SSH_OPTS, "-i", str(key), f"kubelab@{master['address']}",
+                 "sudo -n sh -c 'stat -c %s $(ls -1t /var/backups/kubelab/etcd/etcd-*.db | head -n 1)'").stdout
+    t["etcd_backup_bytes"] = int(size.strip())
+    in_ns(*kubectl, "-n", "default", "delete", "configmap", "kubelab-restore-probe")
+    t0 = time.monotonic()
+    t["etcd_restore_s"] = etcd_ops("restore")
+    deadline = time.monotonic() + 900
+    while in_ns(*kubectl, "-n", "default", "get", "configmap", "kubelab-restore-probe", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the ConfigMap did not come back after the restore"
+        time.sleep(5)
+    in_ns(*kubectl, "wait", "--for=condition=Ready", "nodes", "--all", "--timeout=600s", timeout=660)
+    t["etcd_restore_to_ready_s"] = round(time.monotonic() - t0, 1)
+    t.save()
+    log(f"etcd snapshot {t['etcd_backup_bytes']} bytes in {t['etcd_backup_s']} s; restored in {t['etcd_restore_s']} s, "
+        f"ConfigMap back and nodes Ready after {t['etcd_restore_to_ready_s']} s")
 
 
 def verify_control_plane_reaches_services(in_ns, kubeconfig: Path, kubectl_bin: str, nodes_cfg: list[dict],

@@ -15,17 +15,18 @@ import pytest
 from components.versions import bundle_key, load_versions
 from tests.conftest import base_config, make_bundle
 from tests.mockrun import Graph, Registration, run_program
+from tests.test_rendered import unwrap
 
 CMD = "command:remote:Command"
 COPY = "command:remote:CopyToRemote"
 SECRET_SIG = "4dabf18193072939515e22adb298388d"
 
-MASTER_STEPS_1_2 = {"wait-for-ssh", "etcd", "etcd-auth", "flannel-network-config", "kube-apiserver", "rbac-apiserver-to-kubelet",
+MASTER_STEPS_1_2 = {"wait-for-ssh", "etcd", "etcd-auth", "etcd-backup", "flannel-network-config", "kube-apiserver", "rbac-apiserver-to-kubelet",
                     "kube-controller-manager", "kube-scheduler", "flanneld", "kube-proxy", "addon-coredns",
                     "addon-metrics-server", "cluster-ready",
                     "remove-node-worker-1", "remove-node-worker-2"}
 WORKER_STEPS = {"wait-for-ssh", "flanneld", "containerd", "kubelet", "kube-proxy"}
-MASTER_UPLOADS = {"bin-etcd", "bin-etcdctl", "bin-kube-apiserver", "bin-kubectl", "bin-kube-controller-manager",
+MASTER_UPLOADS = {"bin-etcd", "bin-etcdctl", "bin-etcdutl", "bin-kube-apiserver", "bin-kubectl", "bin-kube-controller-manager",
                   "bin-kube-scheduler", "bin-flanneld", "bin-kube-proxy"}
 WORKER_UPLOADS = {"bin-flanneld", "bin-containerd", "bin-ctr", "bin-containerd-shim-runc-v2", "bin-runc", "cni-bridge",
                   "cni-host-local", "cni-loopback", "cni-portmap", "cni-flannel", "bin-kubelet", "bin-kube-proxy",
@@ -121,6 +122,19 @@ def test_a_removed_worker_is_drained_and_deleted_before_its_machine_goes(lab):
     ready = lab.one("master-1-cluster-ready")
     assert "touch /var/lib/kubelab/cluster-destroying" in ready.inputs["delete"]
     assert "rm -f /var/lib/kubelab/cluster-destroying" in ready.inputs["create"]
+
+
+def test_etcd_backups_on_every_master_after_their_etcd_user_exists(seed000, module_cache):
+    """Each member snapshots itself on a timer, as the etcd user the etcd-auth step creates
+    (etcd lets only the root role take snapshots); off, nothing of it is created."""
+    auth = seed000.one("master-1-etcd-auth")
+    assert "ensure_user kubelab-etcd-backup root" in unwrap(auth.inputs["create"])
+    for node in ("master-1", "master-2", "master-3"):
+        backup = seed000.one(f"{node}-etcd-backup")
+        assert seed000.depends_on(backup, auth) and seed000.depends_on(backup, seed000.one(f"{node}-etcd"))
+    off = run_program({**base_config(module_cache, "libvirt"), "backup": {"enabled": False}})
+    assert not [r for r in off.find() if "etcd-backup" in r.name]
+    assert "kubelab-etcd-backup" not in unwrap(off.one("master-1-etcd-auth").inputs["create"])
 
 
 @pytest.mark.parametrize("graph", ["lab", "seed000"])

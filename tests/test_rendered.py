@@ -67,7 +67,7 @@ def test_each_node_gets_its_units(lab_files):
     _, files = lab_files
     units = {node: sorted(Path(p).name for p in f if p.endswith(".service")) for node, f in files.items()}
     # kube-proxy on the master too (Services reachable from the control plane), but no kubelet
-    assert units["master-1"] == ["etcd.service", "flanneld.service", "kube-apiserver.service",
+    assert units["master-1"] == ["etcd-backup.service", "etcd.service", "flanneld.service", "kube-apiserver.service",
                                  "kube-controller-manager.service", "kube-proxy.service", "kube-scheduler.service"]
     for w in ("worker-1", "worker-2"):
         assert units[w] == ["containerd.service", "flanneld.service", "kube-proxy.service", "kubelet.service"]
@@ -98,7 +98,7 @@ def verify_units(files: dict[str, dict[str, str]], systemd_root: Path) -> None:
         shutil.copytree(systemd_root, root, symlinks=True, dirs_exist_ok=True)
         units = []
         for path, content in node_files.items():
-            if path.endswith(".service"):
+            if path.endswith((".service", ".timer")):
                 dest = root / path.lstrip("/")
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_text(content)
@@ -134,7 +134,7 @@ def test_units_restart_on_failure_and_order_explicitly(lab_files):
     _, files = lab_files
     for node_files in files.values():
         for path, content in node_files.items():
-            if path.endswith(".service"):
+            if path.endswith(".service") and "Type=oneshot" not in content:  # a timer's job runs and ends
                 assert "Restart=on-failure" in content, path
                 assert re.search(r"^After=", content, re.M), path
                 assert "WantedBy=multi-user.target" in content, path
@@ -396,3 +396,47 @@ def test_metrics_server_off_uploads_no_image(module_cache):
     assert not g.find("command:remote:Command", "master-1-addon-metrics-server")
     assert "metrics-server.tar" not in g.one("worker-1-containerd").inputs["create"]
     assert not [r for r in g.find("command:remote:CopyToRemote") if "metrics-server" in r.name]
+
+
+def _backup_script(tmp_path: Path, keep: int, status_rc: int) -> tuple[str, Path, dict[str, str]]:
+    """The rendered snapshot job with its etcd tools pointed at fakes (real bash runs it)."""
+    from components.render import render
+
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "etcdctl").write_text('#!/bin/sh\n# ... snapshot save FILE\nfor a; do last=$a; done\necho "etcd data" >"$last"\n')
+    (fake / "etcdutl").write_text(f'#!/bin/sh\necho "status of $3"\nexit {status_rc}\n')
+    n = tmp_path / "n"
+    (fake / "date").write_text(f'#!/bin/sh\nc=$(cat {n} 2>/dev/null || echo 0); c=$((c+1)); echo $c >{n}\n'
+                               'printf "20261124T0000%02dZ\\n" "$c"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    backups = tmp_path / "backups"
+    script = render("scripts/etcd-backup.sh.j2", name="master-1", backup_dir=str(backups), keep=keep)
+    return script.replace("/usr/local/bin/", f"{fake}/"), backups, {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+
+
+def test_etcd_backup_keeps_the_newest_and_never_keeps_an_unreadable_snapshot(tmp_path):
+    script, backups, env = _backup_script(tmp_path, keep=2, status_rc=0)
+    assert "set -Eeuo pipefail" in script
+    for _ in range(4):
+        proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, check=False, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in backups.iterdir()) == ["etcd-master-1-20261124T000003Z.db", "etcd-master-1-20261124T000004Z.db"]
+    bad, _, bad_env = _backup_script(tmp_path, keep=2, status_rc=1)
+    proc = subprocess.run(["bash", "-c", bad], capture_output=True, text=True, env=bad_env, check=False, timeout=30)
+    assert proc.returncode != 0  # the unit fails: `systemctl --failed` shows it
+    assert sorted(p.name for p in backups.iterdir()) == ["etcd-master-1-20261124T000003Z.db", "etcd-master-1-20261124T000004Z.db"]
+
+
+def test_etcd_restore_script_is_for_this_member_and_bumps_the_revision(module_cache):
+    g = run_program(base_config(module_cache, "libvirt"))
+    files = shipped_files(g)["master-1"]
+    restore = files["/usr/local/lib/kubelab/etcd-restore.sh"]
+    assert "set -Eeuo pipefail" in restore
+    assert subprocess.run(["bash", "-n"], input=restore, capture_output=True, text=True, check=False).returncode == 0
+    assert "--name master-1 --initial-cluster master-1=https://10.240.0.11:2380" in restore
+    assert "--bump-revision 1000000000 --mark-compacted" in restore
+    timer = files["/etc/systemd/system/etcd-backup.timer"]
+    assert "OnUnitActiveSec=6h" in timer
+    assert "ExecStart=/usr/local/lib/kubelab/etcd-backup.sh" in files["/etc/systemd/system/etcd-backup.service"]
