@@ -35,8 +35,9 @@ def pulumi_json(stack: str, *args: str) -> object:
 def masters(stack: str) -> tuple[list[dict], ClusterConfig]:
     """The stack's masters (``nodes`` output) and its validated config."""
     nodes = pulumi_json(stack, "stack", "output", "nodes")
-    cluster = pulumi_json(stack, "config", "get", "kubelab:cluster")
-    cfg = parse_cluster_config(cluster if isinstance(cluster, dict) else json.loads(str(cluster)), stack)
+    got = pulumi_json(stack, "config", "get", "kubelab:cluster")  # {"value": "<json>", "objectValue": {...}}
+    cluster = got.get("objectValue") or json.loads(got["value"])  # type: ignore[union-attr]
+    cfg = parse_cluster_config(cluster, stack)
     ms = [n for n in nodes if n["role"] == "master"]  # type: ignore[union-attr]
     if not ms:
         raise SystemExit(f"stack {stack} has no masters in its nodes output: run `pulumi up` first")
