@@ -63,22 +63,20 @@ def test_readme_diff_table_is_the_e2e_contract():
     assert rows == readme_rows()
 
 
-@pytest.mark.parametrize("topology", ["1+2", "seed000"])
+@pytest.mark.parametrize("topology", ["1+2", "seed000", "seed000-ha"])
 def test_diff_contract_expectations_hold_for_the_e2e_nodes(topology, config_for):
     """What the e2e computes before it previews: every case has an exact expectation for the
     nodes the e2e derives from its config (the real previews are the e2e's job)."""
     from tests.diff_contract import CASES, expected_ops
-    from tests.test_e2e import _nodes
+    from tests.test_e2e import _nodes, apply_topology
 
-    raw = config_for()
-    if topology == "seed000":
-        raw.update(masters={"count": 3}, workers={"count": 0}, masters_run_workloads=True)
+    raw = apply_topology(config_for(), topology)
     nodes = _nodes(raw)
     assert {"name", "role", "runs_workloads"} <= set(nodes[0])
     kubelet, apiserver, more_workers, memory = (expected_ops(c, raw, nodes, {}) for c in CASES)
     assert kubelet == {f"{n['name']}-kubelet": "update" for n in nodes if n["runs_workloads"]}
     assert apiserver == {f"{n['name']}-kube-apiserver": "update" for n in nodes if n["role"] == "master"}
-    new = "worker-3" if topology == "1+2" else "worker-1"
+    new = "worker-1" if topology == "seed000-ha" else "worker-3"
     assert more_workers == {"master-1-cluster-ready": "update", f"master-1-remove-node-{new}": "create"}
     assert set(memory) == {n["name"] for n in nodes if n["role"] == "master"}
 
