@@ -47,9 +47,9 @@ def test_libvirt_preview_against_real_libvirtd(tmp_path, lab_daemons):
     assert types["libvirt:index/volume:Volume"] == 4
     assert types["libvirt:index/cloudInitDisk:CloudInitDisk"] == 3
     assert types["libvirt:index/network:Network"] == 1
-    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 18  # with metrics-server serving
-    assert types["command:remote:Command"] == 25  # 23 install steps + a remove-node step per worker
-    assert types["command:remote:CopyToRemote"] == 8 + 15 + 15  # master: +kube-proxy; workers: +metrics-server image
+    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 19  # with metrics-server serving, etcd backup client
+    assert types["command:remote:Command"] == 26  # 24 install steps (etcd-backup too) + a remove-node step per worker
+    assert types["command:remote:CopyToRemote"] == 9 + 15 + 15  # master: +kube-proxy, etcdutl; workers: +metrics-server image
     names = {s["name"] for s in steps}
     for node in ("master-1", "worker-1", "worker-2"):
         assert f"{node}-wait-for-ssh" in names
@@ -68,7 +68,7 @@ def test_digitalocean_preview_with_dummy_token_offline(tmp_path):
     assert types["digitalocean:index/firewall:Firewall"] == 1
     assert types["digitalocean:index/tag:Tag"] == 3
     assert types["digitalocean:index/project:Project"] == 1
-    assert types["command:remote:Command"] == 27  # as libvirt, plus a metadata-block step per worker
+    assert types["command:remote:Command"] == 28  # as libvirt, plus a metadata-block step per worker
 
 
 def test_static_hosts_preview_offline(tmp_path):
@@ -81,8 +81,8 @@ def test_static_hosts_preview_offline(tmp_path):
     assert "static.hosts[svr002]: no host_key" in proc.stdout + proc.stderr  # trust on first use is said out loud
     types = count_by_type(steps)
     assert not [t for t in types if t.startswith(("libvirt:", "digitalocean:"))], types
-    assert types["command:remote:Command"] == 25
-    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 18  # with metrics-server serving
+    assert types["command:remote:Command"] == 26
+    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 19  # with metrics-server serving, etcd backup client
     names = {s["name"] for s in steps}
     assert {"svr001-wait-for-ssh", "svr001-etcd", "svr002-kubelet", "svr003-kubelet", "svr001-cluster-ready"} <= names
 
