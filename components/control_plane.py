@@ -33,6 +33,7 @@ class ControlPlane(pulumi.ComponentResource):
         initial_cluster = pulumi.Output.all(*addresses).apply(
             lambda xs: ",".join(f"{m.machine.name}=https://{a}:2380" for m, a in zip(masters, xs, strict=True)))
         net = cfg.network
+        token = f"{cfg.name}-etcd"  # the etcd cluster token, also what a restore re-creates
 
         # 1. etcd on every master (members start in parallel and wait for quorum).
         self.etcd = {}
@@ -40,7 +41,7 @@ class ControlPlane(pulumi.ComponentResource):
             n = m.machine.name
             unit = pulumi.Output.all(m.machine.private_address, initial_cluster).apply(lambda v, n=n: render(
                 "systemd/etcd.service.j2", name=n, address=v[0], initial_cluster=v[1],
-                cluster_token=f"{cfg.name}-etcd", heartbeat_ms=cfg.etcd.heartbeat_interval_ms,
+                cluster_token=token, heartbeat_ms=cfg.etcd.heartbeat_interval_ms,
                 election_ms=cfg.etcd.election_timeout_ms))
             self.etcd[n] = m.step("etcd", "scripts/install-etcd.sh.j2", StepSpec(
                 units=["etcd"],
@@ -84,7 +85,7 @@ class ControlPlane(pulumi.ComponentResource):
                 ctx = {"name": n, "backup_dir": b.directory}
                 restore = pulumi.Output.all(m.machine.private_address, initial_cluster).apply(
                     lambda v, ctx=ctx: render("scripts/etcd-restore.sh.j2", **ctx, initial_cluster=v[1],
-                                              cluster_token=f"{cfg.name}-etcd", peer_url=f"https://{v[0]}:2380"))
+                                              cluster_token=token, peer_url=f"https://{v[0]}:2380"))
                 self.etcd_backup[n] = m.step("etcd-backup", "scripts/install-service.sh.j2", StepSpec(
                     units=["etcd-backup.timer"],
                     binaries=[Binary("bin/etcdutl", "/usr/local/bin/etcdutl")],

@@ -53,7 +53,7 @@ def test_restore_runs_on_the_one_master_and_refuses_several(tmp_path, config_for
     one = [_node("master-1", "master", "10.240.0.11"), _node("worker-1", "worker", "10.240.0.21")]
     proc, calls = _run(tmp_path, config_for("libvirt"), one, "restore", "--snapshot", "/var/backups/kubelab/etcd/x.db")
     assert proc.returncode == 0, proc.stderr
-    assert "/usr/local/lib/kubelab/etcd-restore.sh '\"'\"'/var/backups/kubelab/etcd/x.db'\"'\"''" in calls[0]
+    assert "sudo -n bash -c '/usr/local/lib/kubelab/etcd-restore.sh /var/backups/kubelab/etcd/x.db'" in calls[0]
     three = [_node(f"master-{i}", "master", f"10.240.0.1{i}") for i in (1, 2, 3)]
     proc, _ = _run(tmp_path / "3", config_for("libvirt"), three, "restore")
     assert proc.returncode != 0 and "has 3 masters" in proc.stderr and "README" in proc.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -50,13 +51,9 @@ def ssh(node: dict, user: str, key: str, script: str, known_hosts: Path) -> int:
     pin = (["-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes"] if node.get("hostKey")
            else ["-o", "StrictHostKeyChecking=accept-new"])
     sudo = "" if user == "root" else "sudo -n "
-    cmd = ["ssh", "-i", key, *pin, "-o", "BatchMode=yes", f"{user}@{node['address']}", f"{sudo}bash -c {quote(script)}"]
+    cmd = ["ssh", "-i", key, *pin, "-o", "BatchMode=yes", f"{user}@{node['address']}", f"{sudo}bash -c {shlex.quote(script)}"]
     print(f"== {node['name']} ({node['address']})", flush=True)
     return subprocess.run(cmd, check=False).returncode
-
-
-def quote(s: str) -> str:
-    return "'" + s.replace("'", "'\"'\"'") + "'"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             script = "systemctl start etcd-backup.service && journalctl -u etcd-backup.service -n 4 --no-pager -o cat"
             rcs = [ssh(m, user, key, script, Path(kh.name)) for m in ms]
         elif args.action == "list":
-            rcs = [ssh(m, user, key, f"ls -l {quote(cfg.backup.directory)}", Path(kh.name)) for m in ms]
+            rcs = [ssh(m, user, key, f"ls -l {shlex.quote(cfg.backup.directory)}", Path(kh.name)) for m in ms]
         else:
             if len(ms) != 1:
                 raise SystemExit(f"stack {args.stack} has {len(ms)} masters: restore them by hand, in the order "
                                  "the README's 'etcd backups' section gives (every member from the same snapshot)")
-            script = "/usr/local/lib/kubelab/etcd-restore.sh" + (f" {quote(args.snapshot)}" if args.snapshot else "")
+            script = "/usr/local/lib/kubelab/etcd-restore.sh" + (f" {shlex.quote(args.snapshot)}" if args.snapshot else "")
             rcs = [ssh(ms[0], user, key, script, Path(kh.name))]
     return max(rcs)
 
