@@ -2,7 +2,7 @@
 
 Two sources share one layout (see ``tools/bundle_build.py``)::
 
-    bin/<kube-*, kubectl, etcd*, containerd*, ctr, runc, flanneld, coredns>
+    bin/<kube-*, kubectl, etcd*, containerd*, ctr, runc, flanneld, coredns, registry, crane>
     cni/<bridge, host-local, loopback, portmap, flannel>
     images/<pause.tar, coredns.tar>     (directory source only)
     SHA256SUMS, versions.json
@@ -35,12 +35,14 @@ from components.versions import bundle_key, cache_root, load_versions
 CONTROL_PLANE_FILES = ("bin/etcd", "bin/etcdctl", "bin/etcdutl", "bin/kube-apiserver", "bin/kube-controller-manager",
                        "bin/kube-scheduler", "bin/kubectl")
 NETWORK_FILES = ("bin/flanneld",)
+# The private registry (registry.enabled) and the tool that pushes archives into it.
+REGISTRY_FILES = ("bin/registry", "bin/crane")
 WORKER_FILES = ("bin/containerd", "bin/ctr", "bin/containerd-shim-runc-v2", "bin/runc", "cni/bridge",
                 "cni/host-local", "cni/loopback", "cni/portmap", "cni/flannel", "bin/kubelet", "bin/kube-proxy")
 IMAGE_FILES = ("images/pause.tar", "images/coredns.tar", "images/metrics-server.tar")
 # The addon whose image each archive carries (preloaded only when that addon is on).
 IMAGE_ADDON = {"images/coredns.tar": "coredns", "images/metrics-server.tar": "metrics_server"}
-ALL_FILES = CONTROL_PLANE_FILES + NETWORK_FILES + WORKER_FILES
+ALL_FILES = CONTROL_PLANE_FILES + NETWORK_FILES + WORKER_FILES + REGISTRY_FILES
 # Uploads are gzipped (Bundle.blob): level 6 is zlib's default, a third of the bytes at
 # about 40 MB/s on the deploy host, once per file content.
 GZIP_LEVEL = 6
@@ -67,28 +69,32 @@ class Bundle:
         return self.files[rel]
 
     def blob(self, rel: str) -> Path:
-        """The file gzipped, under a content-addressed name: ``$KUBELAB_CACHE/blobs/<sha256>.gz``.
-
-        Uploads send this: Go binaries and image layers shrink to about a third, and the node
-        checks the sha256 of what it unpacks against the bundle's. The name (and, gzip being
-        deterministic here: no name, no mtime, fixed level) the bytes depend only on the
-        content, so a version bump plans updates of the files that really changed, not of
-        every upload whose bundle directory was renamed. Made once per content.
-        """
-        f = self.files[rel]
-        out = cache_root() / "blobs" / f"{f.sha256}.gz"
-        if not out.is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-            with f.path.open("rb") as src, tmp.open("wb") as raw, \
-                    gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=raw, mtime=0) as gz:
-                shutil.copyfileobj(src, gz, 1 << 20)
-            tmp.replace(out)
-        return out
+        """The file gzipped, as uploads send it (see :func:`gzip_blob`)."""
+        return gzip_blob(self.files[rel])
 
     @property
     def images(self) -> tuple[str, ...]:
         return tuple(f for f in IMAGE_FILES if f in self.files)
+
+
+def gzip_blob(f: LocalFile) -> Path:
+    """The file gzipped, under a content-addressed name: ``$KUBELAB_CACHE/blobs/<sha256>.gz``.
+
+    Uploads send this: Go binaries and image layers shrink to about a third, and the node
+    checks the sha256 of what it unpacks against the original's. The name (and, gzip being
+    deterministic here: no name, no mtime, fixed level) the bytes depend only on the
+    content, so a version bump plans updates of the files that really changed, not of
+    every upload whose bundle directory was renamed. Made once per content.
+    """
+    out = cache_root() / "blobs" / f"{f.sha256}.gz"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        with f.path.open("rb") as src, tmp.open("wb") as raw, \
+                gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=raw, mtime=0) as gz:
+            shutil.copyfileobj(src, gz, 1 << 20)
+        tmp.replace(out)
+    return out
 
 
 def sha256_file(path: Path) -> str:
@@ -185,6 +191,12 @@ def artifacts(versions: dict[str, str]) -> list[Artifact]:
     flcni = DOWNLOAD_PINS["flannel_cni_plugin"]
     flcni_url = f"{GITHUB}/flannel-io/cni-plugin/releases/download/v{flcni}/cni-plugin-flannel-linux-amd64-v{flcni}.tgz"
     out.append(Artifact(flcni_url, flcni_url + ".sha256", {"cni/flannel": "flannel-amd64"}))
+    dist = versions["distribution"]
+    reg_url = f"{GITHUB}/distribution/distribution/releases/download/v{dist}/registry_{dist}_linux_amd64.tar.gz"
+    out.append(Artifact(reg_url, reg_url + ".sha256", {"bin/registry": "registry"}))
+    crane_base = f"{GITHUB}/google/go-containerregistry/releases/download/v{versions['crane']}"
+    out.append(Artifact(f"{crane_base}/go-containerregistry_Linux_x86_64.tar.gz", f"{crane_base}/checksums.txt",
+                        {"bin/crane": "crane"}))
     dns_url = f"{GITHUB}/coredns/coredns/releases/download/v{dns}/coredns_{dns}_linux_amd64.tgz"
     out.append(Artifact(dns_url, dns_url + ".sha256", {"bin/coredns": "coredns"}))
     return out

@@ -12,6 +12,7 @@ from components.host import HostAccess, StepSpec
 from components.network import PodNetwork
 from components.pki import ClusterPki, kubeconfig
 from components.platforms import platform
+from components.registry import Registry
 from components.worker import ServiceProxy, WorkerNode
 
 DESTROYING_MARK = "/var/lib/kubelab/cluster-destroying"
@@ -22,7 +23,7 @@ class Cluster(pulumi.ComponentResource):
     """A Kubernetes cluster from release binaries on the configured platform.
 
     Outputs: ``apiserver_url``, ``kubeconfig`` (secret, admin), ``nodes`` (name, role,
-    address, private address).
+    address, private address, host key), ``registry_url`` (the private registry, or "").
     """
 
     def __init__(self, name: str, cfg: ClusterConfig, bundle: Bundle, opts: pulumi.ResourceOptions | None = None):
@@ -50,18 +51,23 @@ class Cluster(pulumi.ComponentResource):
         # 4. Control plane: etcd → kube-apiserver → controller-manager, scheduler.
         control_plane = ControlPlane("control-plane", cfg, hosts, pki, opts=child)
 
-        # 5. Pod network: flanneld on every node.
+        # 5. The private registry on the first master, seeded with every image the cluster
+        #    runs (after the control plane: it competes with nothing on the critical path then).
+        registry = (Registry("registry", cfg, first, pki, control_plane.ready, opts=child)
+                    if cfg.registry.enabled else None)
+
+        # 6. Pod network: flanneld on every node.
         pod_network = PodNetwork("pod-network", cfg, hosts, pki, control_plane, opts=child)
 
-        # 6. Nodes that run workloads: containerd → kubelet → kube-proxy.
+        # 7. Nodes that run workloads: containerd → kubelet → kube-proxy.
         api_internal = pulumi.Output.concat("https://", masters[0].private_address, ":6443")
         workers = [
             WorkerNode(n, cfg, hosts[n.name], pki, api_internal, control_plane.ready,
-                       pod_network.flanneld[n.name], opts=child)
+                       pod_network.flanneld[n.name], registry.url if registry else None, opts=child)
             for n in cfg.workload_nodes
         ]
 
-        # 7. Masters that run no pods still run kube-proxy: the API server and the host reach
+        # 8. Masters that run no pods still run kube-proxy: the API server and the host reach
         #    Services (webhooks, aggregated APIs) like every other node.
         proxies = [
             ServiceProxy(cfg, hosts[n.name], pki, api_internal,
@@ -69,10 +75,11 @@ class Cluster(pulumi.ComponentResource):
             for n in cfg.master_nodes if not n.runs_workloads
         ]
 
-        # 8. Addons: CoreDNS, metrics-server (and the Dashboard when enabled).
-        addons = Addons("addons", cfg, first, pki, control_plane.ready, opts=child)
+        # 9. Addons: CoreDNS, metrics-server (and the Dashboard when enabled).
+        #    Their images come from the registry when there is one.
+        addons = Addons("addons", cfg, first, pki, [*control_plane.ready, *([registry.step] if registry else [])], opts=child)
 
-        # 9. A node removed from the stack is drained and its Node object deleted, from the
+        # 10. A node removed from the stack is drained and its Node object deleted, from the
         #    first master, before its machine goes (deleted before the node's own steps).
         removals = [
             first.step(f"remove-node-{w.node}", "scripts/node-registered.sh.j2", StepSpec(
@@ -83,7 +90,7 @@ class Cluster(pulumi.ComponentResource):
             for w in workers if w.node != masters[0].name
         ]
 
-        # 10. Done only when every node is Ready and the addons have rolled out. On destroy of
+        # 11. Done only when every node is Ready and the addons have rolled out. On destroy of
         #    the whole cluster it goes first and marks it, so the removals above skip draining.
         self.ready = first.step("cluster-ready", "scripts/wait-cluster-ready.sh.j2", StepSpec(
             context={"expected_nodes": [n.name for n in cfg.workload_nodes], "tries": 180,
@@ -102,4 +109,7 @@ class Cluster(pulumi.ComponentResource):
                                 "hostKey": v[2]})
             for m in fleet.machines
         ])
-        self.register_outputs({"apiserver_url": self.apiserver_url, "kubeconfig": self.kubeconfig, "nodes": self.nodes})
+        # registryUrl: where nodes pull from (the first master's private address), or "" when off.
+        self.registry_url = registry.url if registry else pulumi.Output.from_input("")
+        self.register_outputs({"apiserver_url": self.apiserver_url, "kubeconfig": self.kubeconfig, "nodes": self.nodes,
+                               "registry_url": self.registry_url})

@@ -163,6 +163,32 @@ class BackupConfig:
 
 
 @dataclass(frozen=True)
+class PreloadImage:
+    """An image archive on the Pulumi host, pushed into the private registry at `pulumi up`."""
+
+    file: str
+    image: str  # fully qualified: docker.io/library/nginx:1.27
+    layout: bool  # OCI image layout (else a docker save tarball)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """The private registry on the first master (seed 001's registry behind the firewall).
+
+    Served read-only on the master's private address (TLS with a certificate from the cluster
+    CA, unless ``insecure``); written only by `pulumi up`, through a loopback-only writer.
+    containerd on every node resolves ``mirror_for`` registries through it.
+    """
+
+    enabled: bool
+    insecure: bool = False
+    port: int = 5000
+    mirror_for: tuple[str, ...] = ("registry.k8s.io", "docker.io")
+    preload: tuple[PreloadImage, ...] = ()
+    directory: str = "/var/lib/registry"
+
+
+@dataclass(frozen=True)
 class ApiServerConfig:
     """kube-apiserver settings a user may change."""
 
@@ -205,6 +231,7 @@ class ClusterConfig:
     kubelet: KubeletConfig
     etcd: EtcdConfig
     backup: BackupConfig
+    registry: RegistryConfig
     apiserver: ApiServerConfig
     libvirt: LibvirtConfig | None
     digitalocean: DigitalOceanConfig | None
@@ -335,7 +362,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
     r.unknown(
         raw,
         {"name", "platform", "versions", "masters", "workers", "masters_run_workloads", "network",
-         "ssh", "binaries", "registry_mirrors", "addons", "pod_security", "kubelet", "etcd", "backup", "apiserver", "libvirt",
+         "ssh", "binaries", "registry_mirrors", "addons", "pod_security", "kubelet", "etcd", "backup", "registry", "apiserver", "libvirt",
          "digitalocean", "static"},
         "cluster",
     )
@@ -643,6 +670,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
                         f"write a number and min, h or d, e.g. 30min, 6h, 1d (default {BackupConfig.interval})")
     if not 1 <= keep <= 100:
         problems.append(f"backup.keep: {keep} is out of range; keep 1 to 100 snapshots (default {BackupConfig.keep})")
+    registry = _registry(r, raw, platform, problems)
     api_raw = r.section(raw, "apiserver", "cluster")
     r.unknown(api_raw, {"service_node_port_range"}, "apiserver")
     port_range = r.get(api_raw, "service_node_port_range", "apiserver", str, ApiServerConfig.service_node_port_range)
@@ -655,6 +683,9 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
         if clash:
             problems.append(f"apiserver.service_node_port_range: {port_range} includes ports the nodes listen on: "
                             f"{', '.join(clash)}; choose a range clear of them, e.g. {ApiServerConfig.service_node_port_range}")
+        elif registry.enabled and int(m[1]) <= registry.port <= int(m[2]):
+            problems.append(f"registry.port: {registry.port} is inside apiserver.service_node_port_range {port_range}; "
+                            f"choose a port outside it (default {RegistryConfig.port})")
 
     # --- platform sections --------------------------------------------------------------------
     libvirt_cfg = _libvirt(r, raw, platform, problems)
@@ -673,9 +704,54 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
         ssh=ssh, binaries=binaries, registry_mirrors=mirrors, addons=addons, pod_security=pod_security,
         kubelet=KubeletConfig(max_pods=max_pods),
         etcd=EtcdConfig(heartbeat_interval_ms=heartbeat, election_timeout_ms=election),
-        backup=BackupConfig(enabled=backup_on, interval=interval, keep=keep), apiserver=ApiServerConfig(service_node_port_range=port_range),
+        backup=BackupConfig(enabled=backup_on, interval=interval, keep=keep), registry=registry, apiserver=ApiServerConfig(service_node_port_range=port_range),
         libvirt=libvirt_cfg, digitalocean=do_cfg,
     )
+
+
+def _registry(r: _Reader, raw: dict, platform: str, problems: list[str]) -> RegistryConfig:
+    """The ``registry`` section; on by default in the libvirt lab (seed 001's closed network)."""
+    from components.images import ArchiveError, read_archive
+
+    reg_raw = r.section(raw, "registry", "cluster")
+    r.unknown(reg_raw, {"enabled", "insecure", "port", "mirror_for", "preload"}, "registry")
+    enabled = r.get(reg_raw, "enabled", "registry", bool, platform == "libvirt")
+    insecure = r.get(reg_raw, "insecure", "registry", bool, RegistryConfig.insecure)
+    port = r.get(reg_raw, "port", "registry", int, RegistryConfig.port)
+    if not 1024 <= port <= 65535 or port in HOST_PORTS:
+        taken = f" ({HOST_PORTS[port]} listens there)" if port in HOST_PORTS else ""
+        problems.append(f"registry.port: {port} cannot be used{taken}; choose a free port from 1024 to 65535 "
+                        f"(default {RegistryConfig.port})")
+    mirror_for = r.get(reg_raw, "mirror_for", "registry", list, list(RegistryConfig.mirror_for))
+    for host in mirror_for:
+        if not isinstance(host, str) or not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*\.[a-z]{2,}", host):
+            problems.append(f"registry.mirror_for: {host!r} must be a registry host like docker.io or quay.io "
+                            f"(no scheme, no port)")
+    preload: list[PreloadImage] = []
+    for i, item in enumerate(r.get(reg_raw, "preload", "registry", list, [])):
+        setting = f"registry.preload[{i}]"
+        file, image = (item, None) if isinstance(item, str) else (
+            (item.get("file"), item.get("image")) if isinstance(item, dict) else (None, None))
+        if not isinstance(file, str) or (image is not None and not isinstance(image, str)):
+            problems.append(f"{setting}: write a path to an image archive (docker save or OCI layout tar), "
+                            f"or {{file: PATH, image: registry.example/team/app:1.0}}")
+            continue
+        path = Path(_path(file))
+        if not path.is_file():
+            problems.append(f"{setting}: {path} does not exist; write it with `docker save -o {path.name} IMAGE` "
+                            f"(or crane pull IMAGE {path.name}) on a machine that has the image")
+            continue
+        try:
+            archive = read_archive(path, image)
+        except ArchiveError as exc:
+            problems.append(f"{setting}: {exc}")
+            continue
+        preload.append(PreloadImage(file=str(path), image=archive.image, layout=archive.layout))
+    if (reg_raw.get("preload") or reg_raw.get("mirror_for")) and not enabled:
+        problems.append("registry.preload / registry.mirror_for: the registry is off (registry.enabled: false); "
+                        "turn it on or remove these settings")
+    return RegistryConfig(enabled=enabled, insecure=insecure, port=port,
+                          mirror_for=tuple(str(h) for h in mirror_for), preload=tuple(preload))
 
 
 def _assign_lab_addresses(nodes: list[NodeSpec], net: ipaddress.IPv4Network) -> list[NodeSpec]:

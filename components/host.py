@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pulumi
 from pulumi_command import remote
 
-from components.binaries import Bundle
+from components.binaries import Bundle, LocalFile, gzip_blob
 from components.machine import Machine
 from components.render import render
 
@@ -73,6 +73,9 @@ class StepSpec:
     secret_files: Sequence[SecretFile] = ()
     binaries: Sequence[Binary] = ()
     images: Sequence[str] = ()  # bundle paths of image archives to upload (imported by the script)
+    # Other files to stage (name under the staging dir -> file on the Pulumi host); the
+    # template unpacks them itself (image archives a user lists in registry.preload).
+    uploads: Sequence[tuple[str, LocalFile]] = ()
     dirs: Sequence[tuple[str, str]] = ()  # (path, mode) created before anything else
     checks: Sequence[Check] = ()
     context: dict[str, object] = field(default_factory=dict)  # extra template variables
@@ -135,14 +138,15 @@ class HostAccess(pulumi.ComponentResource):
         )
         self.register_outputs({"host": machine.host, "private_address": machine.private_address})
 
-    def upload(self, rel: str, parent: pulumi.Resource) -> remote.CopyToRemote:
-        """Copy one bundle file, gzipped, to the host's staging dir (re-copied only when it
-        changes); the step that uses it unpacks it and checks the sha256 of the original."""
+    def upload(self, rel: str, parent: pulumi.Resource, local: LocalFile | None = None) -> remote.CopyToRemote:
+        """Copy one file (a bundle file, or ``local``), gzipped, to the host's staging dir as
+        ``rel``.gz (re-copied only when it changes); the step that uses it unpacks it and
+        checks the sha256 of the original."""
         if rel not in self._uploads:
             self._uploads[rel] = remote.CopyToRemote(
                 f"{self.machine.name}-upload-{rel.replace('/', '-')}",
                 connection=self.machine.connection(),
-                source=pulumi.FileAsset(str(self.bundle.blob(rel))),
+                source=pulumi.FileAsset(str(gzip_blob(local or self.bundle.get(rel)))),
                 remote_path=f"{STAGE}/{rel}.gz",
                 # A replaced machine gets every file again (an upload has no remote side to delete).
                 triggers=[self.machine.identity],
@@ -163,6 +167,7 @@ class HostAccess(pulumi.ComponentResource):
         machine = self.machine
         uploads = [self.upload(b.rel, parent) for b in spec.binaries]
         uploads += [self.upload(rel, parent) for rel in spec.images]
+        uploads += [self.upload(rel, parent, local) for rel, local in spec.uploads]
         binaries = [{"name": b.rel, "sha256": self.bundle.get(b.rel).sha256, "dest": b.dest} for b in spec.binaries]
         images = [{"name": rel, "sha256": self.bundle.get(rel).sha256} for rel in spec.images]
         secret_ctx = [{"name": str(i), "path": f.path, "mode": f.mode} for i, f in enumerate(spec.secret_files)]

@@ -103,6 +103,12 @@ class ClusterPki(pulumi.ComponentResource):
         self.metrics_server = self._leaf("metrics-server-serving", self.ca, svc, None, SERVER,
                                          dns=[svc, f"{svc}.{cfg.network.cluster_domain}"])
 
+        # The private registry on the first master: every node's containerd trusts the cluster CA.
+        self.registry = (self._leaf("registry-serving", self.ca, "kubelab-registry", None, SERVER,
+                                    dns=["kubelab-registry", cfg.master_nodes[0].name],
+                                    ips=list(node_addresses[cfg.master_nodes[0].name]))
+                         if cfg.registry.enabled and not cfg.registry.insecure else None)
+
         # Per node: a client certificate for the Node authorizer and a serving certificate.
         self.kubelet_client: dict[str, KeyPair] = {}
         self.kubelet_serving: dict[str, KeyPair] = {}

@@ -10,20 +10,10 @@ from components.binaries import IMAGE_ADDON
 from components.config import ClusterConfig, NodeSpec
 from components.host import Binary, Check, File, HostAccess, SecretFile, StepSpec
 from components.pki import ClusterPki, kubeconfig
+from components.registry import CA_FILE, hosts_files
 from components.render import render
 
 CNI_PLUGINS = ("bridge", "host-local", "loopback", "portmap", "flannel")
-UPSTREAMS = {"docker.io": "https://registry-1.docker.io"}
-
-
-def registry_files(cfg: ClusterConfig) -> list[File]:
-    """containerd ``hosts.toml`` per mirrored registry."""
-    return [
-        File(f"/etc/containerd/certs.d/{registry}/hosts.toml", render(
-            "config/hosts.toml.j2", registry=registry, mirrors=list(urls),
-            upstream=UPSTREAMS.get(registry, f"https://{registry}")))
-        for registry, urls in sorted(cfg.registry_mirrors.items())
-    ]
 
 
 def kube_proxy_step(cfg: ClusterConfig, host: HostAccess, pki: ClusterPki, api_server: pulumi.Input[str],
@@ -60,7 +50,8 @@ class WorkerNode(pulumi.ComponentResource):
 
     def __init__(self, node: NodeSpec, cfg: ClusterConfig, host: HostAccess, pki: ClusterPki,
                  api_server: pulumi.Input[str], control_plane_ready: Sequence[pulumi.Resource],
-                 flanneld: pulumi.Resource, opts: pulumi.ResourceOptions | None = None):
+                 flanneld: pulumi.Resource, registry_url: pulumi.Input[str] | None,
+                 opts: pulumi.ResourceOptions | None = None):
         super().__init__("kubelab:worker:WorkerNode", node.name, None, opts)
         self.node = node.name
         v, net = cfg.versions, cfg.network
@@ -80,8 +71,8 @@ class WorkerNode(pulumi.ComponentResource):
             first = [block]
             self.steps.append(block)
 
-        # 1. containerd, runc and the CNI plugins; preloaded images (pause, CoreDNS). Needs
-        #    nothing from the control plane, so on a worker it installs and imports its images
+        # 1. containerd, runc and the CNI plugins; with no private registry, preloaded images
+        #    (pause, CoreDNS, metrics-server); with one, where to pull from. Needs nothing from the control plane, so on a worker it installs and imports its images
         #    while the masters bootstrap (off the critical path). On a master that also runs
         #    pods (seed 000) it would compete with etcd and kube-apiserver on the same machine,
         #    so there it waits for the control plane like everything after it.
@@ -92,14 +83,16 @@ class WorkerNode(pulumi.ComponentResource):
                       Binary("bin/ctr", "/usr/local/bin/ctr"),
                       Binary("bin/runc", "/usr/local/bin/runc"),
                       *[Binary(f"cni/{p}", f"/opt/cni/bin/{p}") for p in CNI_PLUGINS]],
-            images=[i for i in host.bundle.images if cfg.addons.get(IMAGE_ADDON.get(i, ""), True)],
+            images=[] if registry_url is not None else [
+                i for i in host.bundle.images if cfg.addons.get(IMAGE_ADDON.get(i, ""), True)],
             dirs=[("/etc/cni/net.d", "0755"), ("/var/lib/containerd", "0711")],
             files=[File("/etc/systemd/system/containerd.service", render("systemd/containerd.service.j2")),
                    File("/etc/containerd/config.toml", render(
                        "config/containerd-config.toml.j2", containerd_version=v["containerd"],
                        sandbox_image=f"registry.k8s.io/pause:{v['pause']}")),
                    File("/etc/cni/net.d/10-flannel.conflist", render("config/10-flannel.conflist.j2")),
-                   *registry_files(cfg)],
+                   *([File(CA_FILE, pki.ca.cert)] if registry_url is not None and not cfg.registry.insecure else []),
+                   *hosts_files(cfg, registry_url)],
             remove=["/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/cni", "/var/lib/cni"],
             # containerd's KillMode=process leaves shims and containers running: stop them too.
             cleanup=["pkill -f '^/usr/local/bin/containerd-shim-runc-v2 '", "ip link delete cni0"],

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -19,14 +21,35 @@ from components.versions import bundle_key, load_versions  # noqa: E402
 PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq0d3HlFXdz2m4Y2o9Tq3Yq8h7dVQ7m0nV4oJ8m4Q9x test@kubelab"
 
 
+def image_archive(path: Path, ref: str, layout: bool = True) -> Path:
+    """A small, well-formed image archive naming ``ref``: an OCI layout tar (with the docker
+    ``manifest.json`` beside it, as the bundle writes them) or a docker save tarball."""
+    entries = {"manifest.json": json.dumps([{"Config": "config.json", "RepoTags": [ref], "Layers": []}]).encode()}
+    if layout:
+        index = {"schemaVersion": 2, "manifests": [{"annotations": {"io.containerd.image.name": ref}}]}
+        entries |= {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": json.dumps(index).encode()}
+    with tarfile.open(path, "w") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def make_bundle(root: Path, versions: dict[str, str]) -> Path:
     """A bundle in the real layout whose files are small stand-ins, with a valid manifest."""
     root.mkdir(parents=True, exist_ok=True)
     lines = []
+    refs = {"images/pause.tar": f"registry.k8s.io/pause:{versions['pause']}",
+            "images/coredns.tar": f"registry.k8s.io/coredns/coredns:v{versions['coredns']}",
+            "images/metrics-server.tar": f"registry.k8s.io/metrics-server/metrics-server:v{versions['metrics_server']}"}
     for rel in sorted(ALL_FILES + IMAGE_FILES):
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(f"stand-in for {rel}\n".encode())
+        if rel in refs:
+            image_archive(path, refs[rel])
+        else:
+            path.write_bytes(f"stand-in for {rel}\n".encode())
         lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {rel}")
     (root / "SHA256SUMS").write_text("\n".join(lines) + "\n")
     (root / "versions.json").write_text(json.dumps(versions, sort_keys=True))

@@ -1,7 +1,7 @@
 """End to end on this machine: real VMs (libvirt, TCG here), real binaries, a real cluster.
 
 From an empty stack: ``pulumi up`` → every node Ready → kubectl works with the exported
-kubeconfig → a pod on each worker (image imported from a local archive, no registry) →
+kubeconfig → a pod on each worker (its image only in the private registry, preloaded there) →
 pod-to-pod across nodes (flannel) → pod to a Service ClusterIP → DNS through CoreDNS →
 anonymous requests refused (apiserver, kubelet, etcd) → ``preview --expect-no-changes`` →
 a second ``up`` changes and uploads nothing → no plaintext key in ``stack export`` →
@@ -131,7 +131,9 @@ def uploaded_bytes(times: dict, bundle: Path) -> dict[str, int]:
             continue
         node, rel = name.split("-upload-", 1)
         folder, file = rel.split("-", 1)
-        blob = REAL_CACHE / "blobs" / f"{sums[f'{folder}/{file}']}.gz"
+        # a registry.preload archive is staged as preload/<sha256[:16]>.tar
+        blob = (next((REAL_CACHE / "blobs").glob(f"{file.removesuffix('.tar')}*.gz")) if folder == "preload"
+                else REAL_CACHE / "blobs" / f"{sums[f'{folder}/{file}']}.gz")
         per[node] = per.get(node, 0) + blob.stat().st_size
     return per
 
@@ -197,7 +199,8 @@ def prerequisites() -> dict[str, Path]:
 
 
 def netcheck_image(dest: Path) -> Path:
-    """Build the test workload and package it as an importable image (no registry)."""
+    """Build the test workload and package it as an image archive; `pulumi up` pushes it into
+    the private registry (registry.preload), so the pods pull it from there."""
     binary = dest / "netcheck"
     subprocess.run(["go", "build", "-trimpath", "-o", str(binary), "."], cwd=REPO / "tests/netcheck", check=True,
                    env={**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"})
@@ -232,8 +235,10 @@ def apply_topology(raw: dict, topology: str) -> dict:
     return raw
 
 
-def cluster_config(pre: dict[str, Path]) -> dict:
+def cluster_config(pre: dict[str, Path], netcheck: Path) -> dict:
     raw = yaml.safe_load((REPO / "Pulumi.dev.yaml").read_text())["config"]["kubelab:cluster"]
+    # The test workload exists only in the private registry (on by default in the lab).
+    raw.setdefault("registry", {})["preload"] = [str(netcheck)]
     raw["name"] = NAME
     raw["network"]["node_cidr"] = NODE_CIDR
     raw["libvirt"]["network_name"] = NAME
@@ -256,7 +261,7 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
     stale = lab.purge(NAME)
     if stale:
         log(f"removed what an earlier run left behind: {stale}")
-    raw = cluster_config(prerequisites)
+    raw = cluster_config(prerequisites, netcheck_image(tmp_path))
     nodes_cfg = _nodes(raw)
     project = Project(tmp_path, "e2e", raw, prefix=lab.exec_prefix())
     bundle = prerequisites["bundle"]
@@ -315,12 +320,14 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         api = outputs["apiserverUrl"]
 
         verify_cluster(in_ns, kubeconfig, kubectl_bin, nodes_cfg, api, prerequisites, tmp_path, raw["network"]["service_cidr"])
+        verify_registry(in_ns, kubeconfig, outputs["registryUrl"], nodes_cfg, tmp_path)
         verify_security(in_ns, kubeconfig, kubectl_bin, nodes_cfg[0]["address"], prerequisites["key"], raw["network"]["etcd_prefix"])
         try:  # a measurement: what each addon costs (bytes per workload node, seconds to Available)
             deploys = json.loads(in_ns(kubectl_bin, "--kubeconfig", str(kubeconfig), "-n", "kube-system", "get",
                                        "deployments", "-o", "json").stdout)
             sums = read_sums(bundle / "SHA256SUMS")
-            t["addons"] = {"rollout_s": rollout_seconds(deploys), "image_bytes_per_workload_node": {
+            # Uploaded once, to the registry's master (nodes pull what they run from it).
+            t["addons"] = {"rollout_s": rollout_seconds(deploys), "image_bytes_to_registry": {
                 f: (REAL_CACHE / "blobs" / f"{sums[f]}.gz").stat().st_size for f in sums if f.startswith("images/")}}
         except Exception as exc:
             t["addons"] = f"not measured: {exc!r}"
@@ -466,15 +473,13 @@ def verify_cluster(in_ns, kubeconfig: Path, kubectl_bin: str, nodes_cfg: list[di
         assert cond["Ready"] == "True", n["metadata"]["name"]
     log("nodes Ready: " + ", ".join(workload))
 
-    # --- a pod on each worker from a local image (no registry) ----------------------------
-    archive = netcheck_image(tmp)
+    # --- a pod on each worker, its image only in the private registry ----------------------
     key = str(pre["key"])
     for n in nodes_cfg:
-        if not n["runs_workloads"]:
-            continue
-        host = f"kubelab@{n['address']}"
-        in_ns("scp", *SSH_OPTS, "-i", key, str(archive), f"{host}:/tmp/netcheck.tar", timeout=300)
-        in_ns("ssh", *SSH_OPTS, "-i", key, host, "sudo /usr/local/bin/ctr -n k8s.io images import /tmp/netcheck.tar", timeout=300)
+        if n["runs_workloads"]:
+            listed = in_ns("ssh", *SSH_OPTS, "-i", key, f"kubelab@{n['address']}",
+                           "sudo /usr/local/bin/ctr -n k8s.io images ls -q").stdout
+            assert "netcheck" not in listed, f"{n['name']} has the test image before any pod pulled it:\n{listed}"
     pods = []
     for i, node in enumerate(workload[:2] if len(workload) >= 2 else workload * 2):
         pods.append(f"netcheck-{i}")
@@ -482,7 +487,7 @@ def verify_cluster(in_ns, kubeconfig: Path, kubectl_bin: str, nodes_cfg: list[di
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": f"netcheck-{i}", "labels": {"app": "netcheck"}},
             "spec": {"nodeName": node, "containers": [{
-                "name": "netcheck", "image": "kubelab.local/netcheck:e2e", "imagePullPolicy": "Never",
+                "name": "netcheck", "image": "kubelab.local/netcheck:e2e", "imagePullPolicy": "IfNotPresent",
                 "args": ["serve"], "ports": [{"containerPort": 8080}],
                 "readinessProbe": {"httpGet": {"path": "/", "port": 8080}}}]}}))
     kubectl("apply", "-f", "-", input=yaml.safe_dump({
@@ -515,6 +520,26 @@ def verify_cluster(in_ns, kubeconfig: Path, kubectl_bin: str, nodes_cfg: list[di
     etcd = in_ns("curl", "-sk", "--max-time", "10", f"https://{master}:2379/version", check=False)
     assert etcd.returncode != 0 and "etcd" not in etcd.stdout, "etcd answered without a client certificate"
     log("anonymous apiserver/kubelet/etcd refused")
+
+
+def verify_registry(in_ns, kubeconfig: Path, url: str, nodes_cfg: list[dict], tmp: Path) -> None:
+    """The private registry: TLS from the cluster CA, holds the bundle's images and the preloaded
+    test image, refuses plain HTTP and refuses writes from the network."""
+    master = next(n for n in nodes_cfg if n["role"] == "master")
+    assert url == f"https://{master['address']}:5000", url
+    ca = tmp / "cluster-ca.crt"
+    cluster = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
+    ca.write_bytes(base64.b64decode(cluster["certificate-authority-data"]))
+    catalog = json.loads(in_ns("curl", "-sf", "--cacert", str(ca), f"{url}/v2/_catalog").stdout)["repositories"]
+    for repo in ("kubelab.local/netcheck", "registry.k8s.io/coredns/coredns", "registry.k8s.io/pause"):
+        assert repo in catalog, catalog
+    plain = in_ns("curl", "-s", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}",
+                  f"http://{master['address']}:5000/v2/_catalog", check=False).stdout
+    assert plain != "200", "the registry answered plain HTTP"
+    write = in_ns("curl", "-s", "--cacert", str(ca), "-X", "POST", "-o", "/dev/null", "-w", "%{http_code}",
+                  f"{url}/v2/kubelab.local/intruder/blobs/uploads/", check=False).stdout
+    assert not write.startswith("2"), f"the registry accepted a push from the network ({write})"
+    log(f"registry {url}: {len(catalog)} repositories over TLS; plain HTTP answered {plain}, a push {write}")
 
 
 def verify_security(in_ns, kubeconfig: Path, kubectl_bin: str, master: str, key: Path, etcd_prefix: str) -> None:
@@ -626,7 +651,7 @@ def verify_control_plane_reaches_services(in_ns, kubeconfig: Path, kubectl_bin: 
     kubectl("-n", WEBHOOK_NS, "create", "secret", "tls", "webhook-tls", "--cert", str(tmp / "wh.crt"), "--key", str(tmp / "wh.key"))
     kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": svc, "namespace": WEBHOOK_NS, "labels": {"app": svc}},
-         "spec": {"containers": [{"name": "webhook", "image": "kubelab.local/netcheck:e2e", "imagePullPolicy": "Never",
+         "spec": {"containers": [{"name": "webhook", "image": "kubelab.local/netcheck:e2e", "imagePullPolicy": "IfNotPresent",
                                   "args": ["webhook", "/tls/tls.crt", "/tls/tls.key"], "ports": [{"containerPort": 8443}],
                                   "readinessProbe": {"tcpSocket": {"port": 8443}},
                                   "volumeMounts": [{"name": "tls", "mountPath": "/tls", "readOnly": True}]}],

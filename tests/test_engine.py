@@ -47,9 +47,10 @@ def test_libvirt_preview_against_real_libvirtd(tmp_path, lab_daemons):
     assert types["libvirt:index/volume:Volume"] == 4
     assert types["libvirt:index/cloudInitDisk:CloudInitDisk"] == 3
     assert types["libvirt:index/network:Network"] == 1
-    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 19  # with metrics-server serving, etcd backup client
-    assert types["command:remote:Command"] == 26  # 24 install steps (etcd-backup too) + a remove-node step per worker
-    assert types["command:remote:CopyToRemote"] == 9 + 15 + 15  # master: +kube-proxy, etcdutl; workers: +metrics-server image
+    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 20  # metrics-server, etcd backup client, registry
+    assert types["command:remote:Command"] == 27  # 25 install steps (etcd-backup, registry) + a remove-node step per worker
+    # master: +registry, crane and the three images it is seeded with; workers pull, no archives
+    assert types["command:remote:CopyToRemote"] == 14 + 12 + 12
     names = {s["name"] for s in steps}
     for node in ("master-1", "worker-1", "worker-2"):
         assert f"{node}-wait-for-ssh" in names

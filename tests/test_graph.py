@@ -23,14 +23,16 @@ SECRET_SIG = "4dabf18193072939515e22adb298388d"
 
 MASTER_STEPS_1_2 = {"wait-for-ssh", "etcd", "etcd-auth", "etcd-backup", "flannel-network-config", "kube-apiserver", "rbac-apiserver-to-kubelet",
                     "kube-controller-manager", "kube-scheduler", "flanneld", "kube-proxy", "addon-coredns",
-                    "addon-metrics-server", "cluster-ready",
+                    "addon-metrics-server", "cluster-ready", "registry",
                     "remove-node-worker-1", "remove-node-worker-2"}
 WORKER_STEPS = {"wait-for-ssh", "flanneld", "containerd", "kubelet", "kube-proxy"}
 MASTER_UPLOADS = {"bin-etcd", "bin-etcdctl", "bin-etcdutl", "bin-kube-apiserver", "bin-kubectl", "bin-kube-controller-manager",
                   "bin-kube-scheduler", "bin-flanneld", "bin-kube-proxy"}
+IMAGE_UPLOADS = {"images-pause.tar", "images-coredns.tar", "images-metrics-server.tar"}
+# The private registry on the first master (on by default in the lab): its binaries and every image.
+REGISTRY_UPLOADS = {"bin-registry", "bin-crane", *IMAGE_UPLOADS}
 WORKER_UPLOADS = {"bin-flanneld", "bin-containerd", "bin-ctr", "bin-containerd-shim-runc-v2", "bin-runc", "cni-bridge",
-                  "cni-host-local", "cni-loopback", "cni-portmap", "cni-flannel", "bin-kubelet", "bin-kube-proxy",
-                  "images-pause.tar", "images-coredns.tar", "images-metrics-server.tar"}
+                  "cni-host-local", "cni-loopback", "cni-portmap", "cni-flannel", "bin-kubelet", "bin-kube-proxy"}
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +64,8 @@ def test_per_role_resource_sets_1_master_2_workers(lab):
     assert steps_of(lab, "master-1") == MASTER_STEPS_1_2
     assert steps_of(lab, "worker-1") == WORKER_STEPS
     assert steps_of(lab, "worker-2") == WORKER_STEPS
-    assert uploads_of(lab, "master-1") == MASTER_UPLOADS
-    assert uploads_of(lab, "worker-1") == WORKER_UPLOADS
+    assert uploads_of(lab, "master-1") == MASTER_UPLOADS | REGISTRY_UPLOADS
+    assert uploads_of(lab, "worker-1") == WORKER_UPLOADS  # images come from the registry
     counts = collections.Counter(r.type for r in lab.registrations)
     assert counts["libvirt:index/domain:Domain"] == 3
     assert counts["libvirt:index/cloudInitDisk:CloudInitDisk"] == 3
@@ -78,7 +80,7 @@ def test_per_role_resource_sets_seed_000_master_is_also_a_node(seed000):
         steps = steps_of(seed000, node)
         assert {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
                 "flanneld", "containerd", "kubelet", "kube-proxy"} <= steps
-        assert uploads_of(seed000, node) == MASTER_UPLOADS | WORKER_UPLOADS
+        assert uploads_of(seed000, node) == MASTER_UPLOADS | WORKER_UPLOADS | (REGISTRY_UPLOADS if node == "master-1" else set())
     assert len(seed000.find("kubelab:worker:WorkerNode")) == 3
     # cluster-wide steps run once, on the first master
     assert {"cluster-ready", "addon-coredns", "flannel-network-config"} <= steps_of(seed000, "master-1")

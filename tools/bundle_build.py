@@ -4,7 +4,7 @@ Every component is built from the Go module proxy (no vendor downloads), cached 
 ``$KUBELAB_CACHE/<name>-v<version>`` via :func:`kltools.cached`, checked (pinned version,
 static linking) and assembled into ``$KUBELAB_CACHE/bundles/<bundle_key>/``::
 
-    versions.json  SHA256SUMS  bin/...  cni/...  images/pause.tar  images/coredns.tar  images/metrics-server.tar
+    versions.json  SHA256SUMS  bin/... (incl. registry, crane)  cni/...  images/pause.tar  images/coredns.tar  images/metrics-server.tar
 
 Usage: ``python tools/bundle_build.py [COMPONENT ...]`` (no argument: the whole bundle).
 """
@@ -48,6 +48,8 @@ FLANNEL = "github.com/flannel-io/flannel"
 FLANNEL_CNI = "github.com/containernetworking/plugins"
 COREDNS = "github.com/coredns/coredns"
 METRICS_SERVER = "sigs.k8s.io/metrics-server"
+DISTRIBUTION = "github.com/distribution/distribution/v3"
+CRANE = "github.com/google/go-containerregistry"
 # flannel >= 0.28.9 requires tencentcloud vpc versions the proxy refuses (403); the tencentvpc
 # backend is unused here, so such a version is replaced by one the proxy serves.
 FLANNEL_FALLBACKS = {"github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/vpc": "v1.3.75"}
@@ -414,6 +416,22 @@ def build_metrics_server(ver: str, out: Path) -> None:
     _check(out / "bin/metrics-server", ["--version"], tag)
 
 
+def build_registry(ver: str, out: Path) -> None:
+    """The CNCF Distribution registry (install, CGO off), version set the way its Makefile does."""
+    tag = f"v{ver}"
+    ldflags = _ldflags({f"{DISTRIBUTION}/version.version": tag,
+                        f"{DISTRIBUTION}/version.revision": f"module-{tag}"})
+    _go_install([f"{DISTRIBUTION}/cmd/registry"], tag, out / "bin", ldflags)
+    _check(out / "bin/registry", ["--version"], tag)
+
+
+def build_crane(ver: str, out: Path) -> None:
+    """crane (go-containerregistry): pushes image archives into the registry on the node."""
+    tag = f"v{ver}"
+    _go_install([f"{CRANE}/cmd/crane"], tag, out / "bin", _ldflags({f"{CRANE}/cmd/crane/cmd.Version": tag}))
+    _check(out / "bin/crane", ["version"], tag)
+
+
 def build_pause(ver: str, k8s_ver: str, out: Path) -> None:
     """pause from ``build/pause/linux/pause.c`` in the k8s.io/kubernetes module (gcc -static)."""
     src = Path(_module(K8S, f"v{k8s_ver}")["Dir"]) / "build/pause/linux/pause.c"
@@ -641,7 +659,7 @@ def _copy(src: Path, dest: Path) -> None:
 
 def _assemble(node: dict[str, str], parts: dict[str, Path], out: Path) -> None:
     """Lay the bundle out under ``out``: bin/, cni/, images/, versions.json, SHA256SUMS."""
-    for name in ("kubernetes", "etcd", "containerd", "runc", "flannel", "coredns"):
+    for name in ("kubernetes", "etcd", "containerd", "runc", "flannel", "coredns", "registry", "crane"):
         for f in sorted((parts[name] / "bin").iterdir()):
             _copy(f, out / "bin" / f.name)
     for name in ("cni_plugins", "flannel_cni_plugin"):
@@ -706,6 +724,8 @@ def components(node: dict[str, str]) -> dict[str, tuple[str, Callable[[Path], No
             f"metrics-server-v{node['metrics_server']}",
             lambda o: build_metrics_server(node["metrics_server"], o),
         ),
+        "registry": (f"distribution-v{node['distribution']}", lambda o: build_registry(node["distribution"], o)),
+        "crane": (f"crane-v{node['crane']}", lambda o: build_crane(node["crane"], o)),
         "pause": (
             f"pause-{node['pause']}-k8s-v{node['kubernetes']}",
             lambda o: build_pause(node["pause"], node["kubernetes"], o),
