@@ -14,6 +14,14 @@ from components.pki import ClusterPki
 from components.render import render
 
 
+def dashboard_images_missing(cfg: ClusterConfig) -> list[str]:
+    """The Dashboard's images that neither the private registry (registry.preload) nor a
+    registry_mirrors entry provides: the offline bundle has none of them."""
+    preloaded = {p.image for p in cfg.registry.preload} if cfg.registry.enabled else set()
+    mirrored = set(cfg.registry_mirrors)
+    return [i for i in cfg.dashboard.images if i not in preloaded and i.split("/", 1)[0] not in mirrored]
+
+
 class Addons(pulumi.ComponentResource):
     """Applies the enabled addons once the control plane is ready.
 
@@ -56,9 +64,18 @@ class Addons(pulumi.ComponentResource):
             self.apiservices.append("v1beta1.metrics.k8s.io")
         if cfg.addons["dashboard"]:
             manifest = render("addons/dashboard.yaml.j2", version=cfg.addon_versions["dashboard"],
-                              scraper_version=cfg.addon_versions["dashboard_metrics_scraper"])
+                              scraper_version=cfg.addon_versions["dashboard_metrics_scraper"], access=cfg.dashboard.access)
             self.steps.append(first_master.step("addon-dashboard", "scripts/kubectl-apply.sh.j2",
                                                 StepSpec(context={"manifest": manifest}),
                                                 parent=self, depends_on=control_plane_ready))
-            self.deployments.append({"namespace": "kubernetes-dashboard", "name": "kubernetes-dashboard"})
+            missing = dashboard_images_missing(cfg)
+            if missing:
+                # Applied all the same (a mirror may appear later), but never waited for.
+                pulumi.log.warn(
+                    f"addons.dashboard: no image archive or mirror provides {', '.join(missing)}; the nodes would "
+                    f"have to pull them from docker.io, and cluster-ready does not wait for the Dashboard. Add the "
+                    f"archives to registry.preload (docker save -o dashboard.tar IMAGE), or a docker.io entry to "
+                    f"registry_mirrors.", self)
+            else:
+                self.deployments.append({"namespace": "kubernetes-dashboard", "name": "kubernetes-dashboard"})
         self.register_outputs({"enabled": sorted(k for k, v in cfg.addons.items() if v)})

@@ -189,6 +189,23 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """The Dashboard addon (``addons.dashboard``): what its login token may do."""
+
+    access: str = "view"  # the ClusterRole of its login ServiceAccount: view (read-only) or cluster-admin
+
+    @property
+    def images(self) -> tuple[str, ...]:
+        """Its images, fully qualified (they are not in the bundle)."""
+        v = load_versions()["addons"]
+        return (f"docker.io/kubernetesui/dashboard:v{v['dashboard']}",
+                f"docker.io/kubernetesui/metrics-scraper:v{v['dashboard_metrics_scraper']}")
+
+
+DASHBOARD_ACCESS = ("view", "cluster-admin")
+
+
+@dataclass(frozen=True)
 class ApiServerConfig:
     """kube-apiserver settings a user may change."""
 
@@ -232,6 +249,7 @@ class ClusterConfig:
     etcd: EtcdConfig
     backup: BackupConfig
     registry: RegistryConfig
+    dashboard: DashboardConfig
     apiserver: ApiServerConfig
     libvirt: LibvirtConfig | None
     digitalocean: DigitalOceanConfig | None
@@ -362,7 +380,7 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
     r.unknown(
         raw,
         {"name", "platform", "versions", "masters", "workers", "masters_run_workloads", "network",
-         "ssh", "binaries", "registry_mirrors", "addons", "pod_security", "kubelet", "etcd", "backup", "registry", "apiserver", "libvirt",
+         "ssh", "binaries", "registry_mirrors", "addons", "pod_security", "kubelet", "etcd", "backup", "registry", "dashboard", "apiserver", "libvirt",
          "digitalocean", "static"},
         "cluster",
     )
@@ -671,6 +689,12 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
     if not 1 <= keep <= 100:
         problems.append(f"backup.keep: {keep} is out of range; keep 1 to 100 snapshots (default {BackupConfig.keep})")
     registry = _registry(r, raw, platform, problems)
+    dash_raw = r.section(raw, "dashboard", "cluster")
+    r.unknown(dash_raw, {"access"}, "dashboard")
+    dash_access = r.get(dash_raw, "access", "dashboard", str, DashboardConfig.access)
+    if dash_access not in DASHBOARD_ACCESS:
+        problems.append(f"dashboard.access: {dash_access!r} is not offered; choose view (read-only, the default) "
+                        f"or cluster-admin (the token may change anything in the cluster)")
     api_raw = r.section(raw, "apiserver", "cluster")
     r.unknown(api_raw, {"service_node_port_range"}, "apiserver")
     port_range = r.get(api_raw, "service_node_port_range", "apiserver", str, ApiServerConfig.service_node_port_range)
@@ -704,7 +728,8 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
         ssh=ssh, binaries=binaries, registry_mirrors=mirrors, addons=addons, pod_security=pod_security,
         kubelet=KubeletConfig(max_pods=max_pods),
         etcd=EtcdConfig(heartbeat_interval_ms=heartbeat, election_timeout_ms=election),
-        backup=BackupConfig(enabled=backup_on, interval=interval, keep=keep), registry=registry, apiserver=ApiServerConfig(service_node_port_range=port_range),
+        backup=BackupConfig(enabled=backup_on, interval=interval, keep=keep), registry=registry,
+        dashboard=DashboardConfig(access=dash_access), apiserver=ApiServerConfig(service_node_port_range=port_range),
         libvirt=libvirt_cfg, digitalocean=do_cfg,
     )
 

@@ -239,6 +239,8 @@ def cluster_config(pre: dict[str, Path], netcheck: Path) -> dict:
     raw = yaml.safe_load((REPO / "Pulumi.dev.yaml").read_text())["config"]["kubelab:cluster"]
     # The test workload exists only in the private registry (on by default in the lab).
     raw.setdefault("registry", {})["preload"] = [str(netcheck)]
+    # The Dashboard, whose images cannot be had here: applied, checked, never waited for.
+    raw.setdefault("addons", {})["dashboard"] = True
     raw["name"] = NAME
     raw["network"]["node_cidr"] = NODE_CIDR
     raw["libvirt"]["network_name"] = NAME
@@ -321,6 +323,7 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
 
         verify_cluster(in_ns, kubeconfig, kubectl_bin, nodes_cfg, api, prerequisites, tmp_path, raw["network"]["service_cidr"])
         verify_registry(in_ns, kubeconfig, outputs["registryUrl"], nodes_cfg, tmp_path)
+        verify_dashboard(in_ns, kubeconfig, kubectl_bin)
         verify_security(in_ns, kubeconfig, kubectl_bin, nodes_cfg[0]["address"], prerequisites["key"], raw["network"]["etcd_prefix"])
         try:  # a measurement: what each addon costs (bytes per workload node, seconds to Available)
             deploys = json.loads(in_ns(kubectl_bin, "--kubeconfig", str(kubeconfig), "-n", "kube-system", "get",
@@ -540,6 +543,20 @@ def verify_registry(in_ns, kubeconfig: Path, url: str, nodes_cfg: list[dict], tm
                   f"{url}/v2/kubelab.local/intruder/blobs/uploads/", check=False).stdout
     assert not write.startswith("2"), f"the registry accepted a push from the network ({write})"
     log(f"registry {url}: {len(catalog)} repositories over TLS; plain HTTP answered {plain}, a push {write}")
+
+
+def verify_dashboard(in_ns, kubeconfig: Path, kubectl_bin: str) -> None:
+    """The Dashboard's objects as the real API server holds them (its images are not available
+    here, so its pods cannot run), and a login account that may read and not write."""
+    kubectl = [kubectl_bin, "--kubeconfig", str(kubeconfig), "-n", "kubernetes-dashboard"]
+    in_ns(*kubectl, "get", "deployment/kubernetes-dashboard", "deployment/dashboard-metrics-scraper",
+          "service/kubernetes-dashboard", "serviceaccount/kubelab-dashboard-login")
+    login = "system:serviceaccount:kubernetes-dashboard:kubelab-dashboard-login"
+    assert in_ns(*kubectl, "auth", "can-i", "list", "pods", "--all-namespaces", f"--as={login}", check=False).stdout.strip() == "yes"
+    assert in_ns(*kubectl, "auth", "can-i", "delete", "pods", f"--as={login}", check=False).stdout.strip() == "no"
+    token = in_ns(*kubectl, "create", "token", "kubelab-dashboard-login").stdout.strip()
+    assert token.count(".") == 2, "no token for the Dashboard login account"
+    log("Dashboard applied; its login account reads and may not write")
 
 
 def verify_security(in_ns, kubeconfig: Path, kubectl_bin: str, master: str, key: Path, etcd_prefix: str) -> None:

@@ -178,3 +178,42 @@ def test_push_script_pushes_each_archive_once(tmp_path):
     assert "already in the registry" in second.stdout
     assert len([line for line in log.read_text().splitlines() if line.startswith("push")]) == 1
     assert Path(data / "kubelab-pushed").is_dir()
+
+
+def dashboard_docs(g) -> list[dict]:
+    create = unwrap(g.one("master-1-addon-dashboard").inputs["create"])
+    return [d for d in yaml.safe_load_all(create.split("<<'KUBELAB_MANIFEST'\n", 1)[1].split("\nKUBELAB_MANIFEST", 1)[0]) if d]
+
+
+def test_dashboard_login_is_read_only_unless_chosen(module_cache):
+    raw = base_config(module_cache, "libvirt")
+    raw["addons"] = {"dashboard": True}
+    docs = dashboard_docs(run_program(raw))
+    binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding" and d["metadata"]["name"] == "kubelab-dashboard-login")
+    assert binding["roleRef"]["name"] == "view"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubelab-dashboard-login", "namespace": "kubernetes-dashboard"}]
+    raw["dashboard"] = {"access": "cluster-admin"}
+    docs = dashboard_docs(run_program(raw))
+    binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding" and d["metadata"]["name"] == "kubelab-dashboard-login")
+    assert binding["roleRef"]["name"] == "cluster-admin"
+    raw["dashboard"] = {"access": "admin"}
+    with pytest.raises(ConfigError, match=r"dashboard\.access: 'admin' is not offered"):
+        parse_cluster_config(raw)
+
+
+def test_cluster_ready_waits_for_the_dashboard_only_when_its_images_are_provided(module_cache):
+    from components.addons import dashboard_images_missing
+
+    raw = base_config(module_cache, "libvirt")
+    raw["addons"] = {"dashboard": True}
+    cfg = parse_cluster_config(raw)
+    assert dashboard_images_missing(cfg) == list(cfg.dashboard.images)
+    ready = run_program(raw).one("master-1-cluster-ready").inputs["create"]
+    assert "deployment/kubernetes-dashboard" not in ready and "deployment/coredns" in ready
+    archives = [str(image_archive(module_cache / f"dash-{i}.tar", ref)) for i, ref in enumerate(cfg.dashboard.images)]
+    raw["registry"] = {"preload": archives}
+    assert dashboard_images_missing(parse_cluster_config(raw)) == []
+    g = run_program(raw)
+    assert "kubectl -n kubernetes-dashboard wait --for=condition=Available deployment/kubernetes-dashboard" in \
+        g.one("master-1-cluster-ready").inputs["create"]
+    assert "push preload/" in g.one("master-1-registry").inputs["create"]
