@@ -4,6 +4,7 @@ stacks, and a bad config refused with nothing planned (marker ``engine``)."""
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
 
@@ -121,3 +122,94 @@ def test_pulumi_and_providers_report_pinned_versions():
     v = load_versions()
     out = subprocess.run([str(bindir / "pulumi"), "version"], capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"v{v['pulumi']['cli']}"
+
+
+def test_real_registry_serves_what_crane_pushed_and_containerd_pulls_through_it(tmp_path):
+    """The bundle's real registry, crane and containerd on loopback, with the files kubelab
+    renders: the writer takes a push of the bundle's CoreDNS archive; the read-only TLS registry
+    serves it, refuses plain HTTP and a push; containerd pulls it by its upstream name through
+    the rendered hosts.toml (override_path, the CA)."""
+    import socket
+    import tarfile
+    import time
+
+    from components.binaries import IMAGE_FILES
+    from components.images import read_archive
+    from components.render import render
+    from components.versions import bundle_key, load_versions
+    from tests.pulumi_support import REAL_CACHE
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from bundle_build import scratch_containerd  # tools/bundle_build.py
+
+    bundle = REAL_CACHE / "bundles" / bundle_key(load_versions()["node"])
+    if not (bundle / "SHA256SUMS").exists():
+        pytest.skip(f"NODE BUNDLE MISSING ({bundle}); run `make bundle`")
+    assert "images/coredns.tar" in IMAGE_FILES
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, wport = free_port(), free_port()
+    data, certs = tmp_path / "registry", tmp_path / "certs"
+    data.mkdir()
+    certs.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+                    "-subj", "/CN=test-ca", "-keyout", str(certs / "ca.key"), "-out", str(certs / "ca.crt")],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+                    "-subj", "/CN=kubelab-registry", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-CA", str(certs / "ca.crt"), "-CAkey", str(certs / "ca.key"),
+                    "-keyout", str(certs / "tls.key"), "-out", str(certs / "tls.crt")], check=True, capture_output=True)
+    ctx = {"version": load_versions()["node"]["distribution"], "directory": str(data)}
+    served = render("config/registry.yml.j2", **ctx, listen=f"127.0.0.1:{port}", tls=True, writer=False)
+    (tmp_path / "config.yml").write_text(served.replace("/etc/kubelab/registry/", f"{certs}/"))
+    (tmp_path / "writer.yml").write_text(render("config/registry.yml.j2", **ctx, listen=f"127.0.0.1:{wport}", tls=False, writer=True))
+    env = {**os.environ, "SSL_CERT_FILE": str(certs / "ca.crt")}
+    crane, registry = str(bundle / "bin/crane"), str(bundle / "bin/registry")
+    procs = []
+
+    def serve(config: str, url: str) -> None:
+        procs.append(subprocess.Popen([registry, "serve", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for _ in range(100):
+            if subprocess.run(["curl", "-sf", "--cacert", str(certs / "ca.crt"), "-o", "/dev/null", f"{url}/v2/"],
+                              check=False).returncode == 0:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"registry {config} did not answer at {url}")
+
+    try:
+        archive = read_archive(bundle / "images/coredns.tar")
+        layout = tmp_path / "layout"
+        with tarfile.open(archive.path) as tar:
+            tar.extractall(layout, filter="data")
+        serve(str(tmp_path / "writer.yml"), f"http://127.0.0.1:{wport}")
+        subprocess.run([crane, "push", "--insecure", str(layout), f"127.0.0.1:{wport}/{archive.image}"], check=True,
+                       capture_output=True, env=env)
+        procs.pop().terminate()  # the writer is gone once pushed, as on the node
+        serve(str(tmp_path / "config.yml"), f"https://127.0.0.1:{port}")
+        digest = subprocess.run([crane, "digest", f"127.0.0.1:{port}/{archive.image}"], check=True, capture_output=True,
+                                text=True, env=env).stdout.strip()
+        assert digest.startswith("sha256:")
+        plain = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/v2/"],
+                               capture_output=True, text=True, check=False).stdout
+        assert plain != "200", "the read-only registry answered plain HTTP"
+        refused = subprocess.run([crane, "push", str(layout), f"127.0.0.1:{port}/kubelab.local/intruder:1"],
+                                 capture_output=True, text=True, check=False, env=env)
+        assert refused.returncode != 0, "the read-only registry took a push"
+        hosts = tmp_path / "certs.d/registry.k8s.io/hosts.toml"
+        hosts.parent.mkdir(parents=True)
+        hosts.write_text(render("config/hosts.toml.j2", registry="registry.k8s.io", upstream="https://registry.k8s.io",
+                                own={"url": f"https://127.0.0.1:{port}/v2/registry.k8s.io", "ca": str(certs / "ca.crt")},
+                                mirrors=[]))
+        with scratch_containerd(bundle / "bin") as ctr:
+            pulled = subprocess.run([*ctr, "images", "pull", "--hosts-dir", str(tmp_path / "certs.d"), archive.image],
+                                    capture_output=True, text=True, check=False, timeout=300)
+            assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+            assert archive.image in subprocess.run([*ctr, "images", "ls", "-q"], capture_output=True, text=True, check=True).stdout
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=30)

@@ -25,7 +25,8 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import kltools
@@ -590,10 +591,12 @@ def build_images(
     (out / "ctr-import-proof.txt").write_text(listing)
 
 
-def prove_import(containerd_bin: Path, images: list[Path]) -> str:
-    """Start the built containerd on a temporary socket, import ``images`` with ``ctr``, list them.
+@contextmanager
+def scratch_containerd(containerd_bin: Path) -> Iterator[list[str]]:
+    """The built containerd on a temporary socket (CRI off), for as long as the block runs.
 
-    Returns the ``ctr -n k8s.io images ls`` output; the daemon is stopped and its dirs removed.
+    Yields the ``ctr`` command line for namespace ``k8s.io``; the daemon is stopped and its
+    dirs removed afterwards.
     """
     tmp = Path(tempfile.mkdtemp(prefix="kl-ctrd-", dir="/tmp"))
     sock = tmp / "containerd.sock"
@@ -632,9 +635,7 @@ def prove_import(containerd_bin: Path, images: list[Path]) -> str:
             time.sleep(0.2)
         else:
             raise SystemExit("[tools] test containerd did not come up")
-        for image in images:
-            log(run([*ctr, "images", "import", str(image)]).strip())
-        listing = run([*ctr, "images", "ls"])
+        yield ctr
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
@@ -645,7 +646,14 @@ def prove_import(containerd_bin: Path, images: list[Path]) -> str:
         logf.close()
         subprocess.run(["umount", "-R", str(tmp / "root")], check=False, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    return listing
+
+
+def prove_import(containerd_bin: Path, images: list[Path]) -> str:
+    """Import ``images`` into the built containerd with ``ctr``; returns ``ctr images ls``."""
+    with scratch_containerd(containerd_bin) as ctr:
+        for image in images:
+            log(run([*ctr, "images", "import", str(image)]).strip())
+        return run([*ctr, "images", "ls"])
 
 
 # --------------------------------------------------------------------------- bundle
