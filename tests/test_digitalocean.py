@@ -57,6 +57,15 @@ def test_firewall_rules(do_graph):
     assert not opened & {"10251", "10252", "10255", "10257", "10259"}  # localhost-only or gone
     assert all(r[2] in ((), allowed) for r in rules), "only allowed_cidrs reach the droplets from outside"
     assert {r["protocol"] for r in fw.inputs["outboundRules"]} == {"tcp", "udp", "icmp"}
+    assert "5000" not in opened  # no private registry unless asked for on DigitalOcean
+
+
+def test_private_registry_is_reachable_between_droplets_only(module_cache):
+    raw = base_config(module_cache, "digitalocean")
+    raw["registry"] = {"enabled": True}
+    (fw,) = run_program(raw).find("digitalocean:index/firewall:Firewall")
+    registry = [r for r in fw.inputs["inboundRules"] if r.get("portRange") == "5000"]
+    assert registry == [{"protocol": "tcp", "portRange": "5000", "sourceTags": ["kubelab-test"]}]
 
 
 def test_reserved_ip_is_the_api_endpoint(do_graph):

@@ -32,6 +32,8 @@ def firewall_rules(cfg: ClusterConfig, cluster_tag: str, master_tag: str) -> tup
         do.FirewallInboundRuleArgs(protocol="udp", port_range=nodeports, source_tags=[cluster_tag]),
         do.FirewallInboundRuleArgs(protocol="icmp", source_tags=[cluster_tag]),
     ]
+    if cfg.registry.enabled:  # the private registry on the first master, pulled from by every node
+        inbound.append(do.FirewallInboundRuleArgs(protocol="tcp", port_range=str(cfg.registry.port), source_tags=[cluster_tag]))
     everywhere = ["0.0.0.0/0", "::/0"]
     outbound = [
         do.FirewallOutboundRuleArgs(protocol="tcp", port_range="1-65535", destination_addresses=everywhere),
