@@ -241,30 +241,34 @@ class Lab:
             proc.check_returncode()
         return proc
 
-    def purge(self, cluster: str) -> list[str]:
-        """Remove every domain, network, volume and pool file named after ``cluster`` (the
-        cluster's own name prefix only). For a test that finds what an interrupted run left
-        behind, or that a failed ``pulumi destroy`` could not remove. Returns what it removed."""
-        removed = []
-        for dom in self.virsh("list", "--all", "--name", check=False).stdout.split():
-            if dom.startswith(f"{cluster}-"):
-                self.virsh("destroy", dom, check=False)
-                self.virsh("undefine", dom, "--nvram", check=False)
-                removed.append(f"domain {dom}")
-        for net in self.virsh("net-list", "--all", "--name", check=False).stdout.split():
-            if net == cluster:
-                self.virsh("net-destroy", net, check=False)
-                self.virsh("net-undefine", net, check=False)
-                removed.append(f"network {net}")
+    def leftovers(self, cluster: str) -> list[tuple[str, str]]:
+        """(kind, name) of every domain, network, volume and pool file named after ``cluster``
+        (the cluster's own name, or its name prefix): what its ``pulumi destroy`` must remove."""
+        found = [("domain", d) for d in self.virsh("list", "--all", "--name", check=False).stdout.split()
+                 if d.startswith(f"{cluster}-")]
+        found += [("network", n) for n in self.virsh("net-list", "--all", "--name", check=False).stdout.split() if n == cluster]
         self.virsh("pool-refresh", self.pool, check=False)
-        for line in self.virsh("vol-list", self.pool, check=False).stdout.splitlines():
-            vol = line.split()[0] if line.split() else ""
-            if vol.startswith(f"{cluster}-"):
-                self.virsh("vol-delete", vol, "--pool", self.pool, check=False)
-                removed.append(f"volume {vol}")
-        for path in Path(self.pool_dir).glob(f"{cluster}-*"):
-            path.unlink(missing_ok=True)
-            removed.append(f"file {path}")
+        vols = [line.split()[0] for line in self.virsh("vol-list", self.pool, check=False).stdout.splitlines() if line.split()]
+        found += [("volume", v) for v in vols if v.startswith(f"{cluster}-")]
+        found += [("file", str(p)) for p in Path(self.pool_dir).glob(f"{cluster}-*")]
+        return found
+
+    def purge(self, cluster: str) -> list[str]:
+        """Remove :meth:`leftovers` of ``cluster``. For a test that finds what an interrupted
+        run left behind, or that a failed ``pulumi destroy`` could not remove. Returns what it removed."""
+        removed = []
+        for kind, name in self.leftovers(cluster):
+            if kind == "domain":
+                self.virsh("destroy", name, check=False)
+                self.virsh("undefine", name, "--nvram", check=False)
+            elif kind == "network":
+                self.virsh("net-destroy", name, check=False)
+                self.virsh("net-undefine", name, check=False)
+            elif kind == "volume":
+                self.virsh("vol-delete", name, "--pool", self.pool, check=False)
+            else:
+                Path(name).unlink(missing_ok=True)
+            removed.append(f"{kind} {name}")
         if removed:
             log(f"purged what {cluster} left behind: {', '.join(removed)}")
         return removed

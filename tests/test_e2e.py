@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from components.binaries import read_sums
+from components.config import BackupConfig
 from components.versions import bundle_key, load_versions
 from tests import diff_contract
 from tests.pulumi_support import REAL_CACHE, REPO, Project, toolchain_bin
@@ -175,10 +176,7 @@ def node_journals(in_ns, nodes_cfg: list[dict], key: Path, dest: Path, lines: in
 
 def leftovers(lab, name: str) -> list[str]:
     """Domains, networks, volumes and pool files of the cluster that still exist."""
-    found = [line for cmd in (["list", "--all", "--name"], ["net-list", "--all", "--name"], ["vol-list", lab.pool])
-             for line in lab.virsh(*cmd, check=False).stdout.splitlines() if name in line]
-    found += [str(p) for p in Path(lab.pool_dir).glob(f"{name}*")]
-    return found
+    return [f"{kind} {obj}" for kind, obj in lab.leftovers(name)]
 
 
 @pytest.fixture(scope="module")
@@ -613,7 +611,7 @@ def verify_backup_restore(project: Project, in_ns, kubeconfig: Path, kubectl_bin
     in_ns(*kubectl, "-n", "default", "create", "configmap", "kubelab-restore-probe", "--from-literal=before=backup")
     t["etcd_backup_s"] = etcd_ops("backup")
     size = in_ns("ssh", *SSH_OPTS, "-i", str(key), f"kubelab@{master['address']}",
-                 "sudo -n sh -c 'stat -c %s $(ls -1t /var/backups/kubelab/etcd/etcd-*.db | head -n 1)'").stdout
+                 f"sudo -n sh -c 'stat -c %s $(ls -1t {BackupConfig.directory}/etcd-*.db | head -n 1)'").stdout
     t["etcd_backup_bytes"] = int(size.strip())
     in_ns(*kubectl, "-n", "default", "delete", "configmap", "kubelab-restore-probe")
     t0 = time.monotonic()
