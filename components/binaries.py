@@ -76,6 +76,10 @@ class Bundle:
     def images(self) -> tuple[str, ...]:
         return tuple(f for f in IMAGE_FILES if f in self.files)
 
+    def images_for(self, addons: dict[str, bool]) -> list[str]:
+        """The image archives a cluster with these addons runs (pause always)."""
+        return [i for i in self.images if addons.get(IMAGE_ADDON.get(i, ""), True)]
+
 
 def gzip_blob(f: LocalFile) -> Path:
     """The file gzipped, under a content-addressed name: ``$KUBELAB_CACHE/blobs/<sha256>.gz``.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pulumi
 
-from components.binaries import IMAGE_ADDON, Bundle, LocalFile, sha256_file
+from components.binaries import Bundle, LocalFile, sha256_file
 from components.config import ClusterConfig
 from components.host import Binary, File, HostAccess, SecretFile, StepSpec
 from components.images import read_archive
@@ -29,11 +29,10 @@ def pushes(cfg: ClusterConfig, bundle: Bundle) -> list[dict[str, object]]:
     (and the pause image), then the user's ``registry.preload`` archives, each with the name it
     is pushed as and its staging name on the node."""
     out: list[dict[str, object]] = []
-    for rel in bundle.images:
-        if cfg.addons.get(IMAGE_ADDON.get(rel, ""), True):
-            f = bundle.get(rel)
-            archive = read_archive(f.path)
-            out.append({"name": rel, "local": f, "sha256": f.sha256, "image": archive.image, "layout": archive.layout})
+    for rel in bundle.images_for(cfg.addons):
+        f = bundle.get(rel)
+        archive = read_archive(f.path)
+        out.append({"name": rel, "local": f, "sha256": f.sha256, "image": archive.image, "layout": archive.layout})
     for p in cfg.registry.preload:
         local = LocalFile(Path(p.file), sha256_file(Path(p.file)))
         name = f"preload/{local.sha256[:16]}.tar"
@@ -55,10 +54,10 @@ def mirrored(cfg: ClusterConfig) -> list[str]:
 def hosts_files(cfg: ClusterConfig, registry_url: pulumi.Input[str] | None) -> list[File]:
     """containerd ``hosts.toml`` per registry: the private registry first (when on), then the
     user's ``registry_mirrors``, then the registry itself."""
-    names = sorted(set(cfg.registry_mirrors) | (set(mirrored(cfg)) if registry_url is not None else set()))
+    through = set(mirrored(cfg)) if registry_url is not None else set()
     files = []
-    for name in names:
-        own = registry_url is not None and name in mirrored(cfg)
+    for name in sorted(set(cfg.registry_mirrors) | through):
+        own = name in through
         content = pulumi.Output.from_input(registry_url if own else "").apply(lambda url, name=name, own=own: render(
             "config/hosts.toml.j2", registry=name, upstream=UPSTREAMS.get(name, f"https://{name}"),
             # The registry stores each upstream's images under its name (registry.k8s.io/pause).

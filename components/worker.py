@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import pulumi
 
-from components.binaries import IMAGE_ADDON
 from components.config import ClusterConfig, NodeSpec
 from components.host import Binary, Check, File, HostAccess, SecretFile, StepSpec
 from components.pki import ClusterPki, kubeconfig
@@ -83,8 +82,7 @@ class WorkerNode(pulumi.ComponentResource):
                       Binary("bin/ctr", "/usr/local/bin/ctr"),
                       Binary("bin/runc", "/usr/local/bin/runc"),
                       *[Binary(f"cni/{p}", f"/opt/cni/bin/{p}") for p in CNI_PLUGINS]],
-            images=[] if registry_url is not None else [
-                i for i in host.bundle.images if cfg.addons.get(IMAGE_ADDON.get(i, ""), True)],
+            images=[] if registry_url is not None else host.bundle.images_for(cfg.addons),
             dirs=[("/etc/cni/net.d", "0755"), ("/var/lib/containerd", "0711")],
             files=[File("/etc/systemd/system/containerd.service", render("systemd/containerd.service.j2")),
                    File("/etc/containerd/config.toml", render(
