@@ -13,6 +13,9 @@ import tomllib
 from pathlib import Path
 
 VERSIONS_FILE = Path(__file__).resolve().parent.parent / "versions.toml"
+# Bumped when the bundle's layout or file formats change for the same versions, so a bundle
+# built by an older kubelab is rebuilt rather than used. 2: image layers are gzip-compressed.
+BUNDLE_FORMAT = 2
 
 
 def load_versions(path: Path = VERSIONS_FILE) -> dict:
@@ -24,10 +27,11 @@ def load_versions(path: Path = VERSIONS_FILE) -> dict:
 def bundle_key(node_versions: dict[str, str]) -> str:
     """Directory name of the node bundle built for exactly these versions.
 
-    ``node-<12 hex>``: a hash of the sorted ``[node]`` table, so any version change gives a
-    new bundle and a stale one is never mistaken for the current one.
+    ``node-<12 hex>``: a hash of the sorted ``[node]`` table and :data:`BUNDLE_FORMAT`, so any
+    version or format change gives a new bundle and a stale one is never mistaken for the
+    current one.
     """
-    canon = json.dumps(dict(sorted(node_versions.items())), separators=(",", ":"))
+    canon = json.dumps({"format": BUNDLE_FORMAT, **dict(sorted(node_versions.items()))}, separators=(",", ":"))
     return "node-" + hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
