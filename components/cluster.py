@@ -52,8 +52,10 @@ class Cluster(pulumi.ComponentResource):
         control_plane = ControlPlane("control-plane", cfg, hosts, pki, opts=child)
 
         # 5. The private registry on the first master, seeded with every image the cluster
-        #    runs (after the control plane: it competes with nothing on the critical path then).
-        registry = (Registry("registry", cfg, first, pki, control_plane.ready, opts=child)
+        #    runs. It needs nothing from the control plane, so it is seeded while etcd and the
+        #    API server start; only the addons wait for it (measured: after the control plane it
+        #    was the longest link of `pulumi up`'s critical path).
+        registry = (Registry("registry", cfg, first, pki, [], opts=child)
                     if cfg.registry.enabled else None)
 
         # 6. Pod network: flanneld on every node.

@@ -16,7 +16,11 @@ from components.render import render
 
 
 class PodNetwork(pulumi.ComponentResource):
-    """One flanneld per node, after the control plane is ready."""
+    """One flanneld per node, as soon as its network config is in etcd.
+
+    flanneld talks to etcd only, so it starts while the API server and controllers come up;
+    the kubelet (which needs the API server and flannel's subnet) waits for both.
+    """
 
     def __init__(self, name: str, cfg: ClusterConfig, hosts: dict[str, HostAccess], pki: ClusterPki,
                  control_plane: ControlPlane, opts: pulumi.ResourceOptions | None = None):
@@ -38,5 +42,5 @@ class PodNetwork(pulumi.ComponentResource):
                 checks=[Check("test -s /run/flannel/subnet.env", tries=90)],
                 remove=["/run/flannel"],
                 cleanup=["ip link delete flannel.1"],
-            ), parent=self, depends_on=control_plane.ready)
+            ), parent=self, depends_on=[control_plane.flannel_config])
         self.register_outputs({"backend": cfg.network.flannel_backend, "etcd_prefix": cfg.network.etcd_prefix})

@@ -168,12 +168,16 @@ def test_every_worker_step_but_containerd_waits_for_control_plane_ready(request,
         on_master = containerd.name.startswith("master-")
         assert all(g.depends_on(containerd, r) for r in ready) == on_master, containerd.name
     worker_steps = [r for r in g.find(CMD, parent_type="kubelab:worker:WorkerNode") if not r.name.endswith("-containerd")]
-    worker_steps += [r for r in g.find(CMD) if r.name.endswith("-flanneld")]
     assert worker_steps
     for step in worker_steps:
         for r in ready:
             assert g.depends_on(step, r), f"{step.name} does not wait for {r.name}"
         assert any(g.depends_on(step, e) for e in g.find(CMD) if e.name.endswith("-kube-apiserver"))
+    # flanneld talks to etcd only: it waits for its network config there, not for the API server.
+    flannel_cfg = g.one("master-1-flannel-network-config")
+    for flanneld in [r for r in g.find(CMD) if r.name.endswith("-flanneld")]:
+        assert g.depends_on(flanneld, flannel_cfg), flanneld.name
+        assert not any(g.depends_on(flanneld, e) for e in g.find(CMD) if e.name.endswith("-kube-apiserver")), flanneld.name
 
 
 def test_node_local_order_and_final_readiness(lab):

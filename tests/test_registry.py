@@ -28,11 +28,13 @@ def lab(module_cache):
     return g, shipped_files(g)
 
 
-def test_registry_runs_after_the_control_plane_and_the_addons_wait_for_it(lab):
+def test_registry_is_seeded_beside_the_control_plane_and_the_addons_wait_for_it(lab):
+    """It needs only its own host and uploads, so it is off the control plane's path."""
     g, _ = lab
     registry = g.one("master-1-registry")
-    for ready in ("master-1-kube-apiserver", "master-1-kube-controller-manager", "master-1-rbac-apiserver-to-kubelet"):
-        assert g.depends_on(registry, g.one(ready)), ready
+    assert g.depends_on(registry, g.one("master-1-wait-for-ssh"))
+    for cp in ("master-1-etcd", "master-1-kube-apiserver", "master-1-kube-controller-manager"):
+        assert not g.depends_on(registry, g.one(cp)), cp
     for addon in ("master-1-addon-coredns", "master-1-addon-metrics-server"):
         assert g.depends_on(g.one(addon), registry), addon
     assert g.stack_outputs["registryUrl"] == "https://10.240.0.11:5000"
