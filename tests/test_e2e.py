@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -153,6 +154,67 @@ def rollout_seconds(deployments: dict) -> dict[str, float]:
     return out
 
 
+class HostCpu:
+    """This machine's CPU use, sampled from ``/proc/stat`` in the background for the whole run.
+
+    With the VMs emulated (TCG), every guest instruction costs host CPU: when the host's cores
+    are busy all through ``pulumi up``, starting steps earlier or in parallel cannot make the
+    cluster Ready sooner, only doing less work can. This is the number that tells which case
+    a run was in.
+    """
+
+    def __init__(self, every: float = 2.0):
+        self.samples: list[tuple[float, int, int]] = []  # (wall time, busy jiffies, total jiffies)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        total = sum(vals[:8])  # guest time is already counted in user
+        return total - idle, total
+
+    def _run(self, every: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), *self._read()))
+            self._stop.wait(every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def busy(self, start: float, end: float) -> float | None:
+        """Fraction of all host cores busy between two wall times (None: too few samples)."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2 or inside[-1][2] == inside[0][2]:
+            return None
+        return round((inside[-1][1] - inside[0][1]) / (inside[-1][2] - inside[0][2]), 3)
+
+    def profile(self, start: float, end: float, step: float = 60.0) -> list[float | None]:
+        """``busy`` per ``step`` seconds from ``start`` (how the load moved through the run)."""
+        out, t = [], start
+        while t < end:
+            out.append(self.busy(t, min(t + step, end)))
+            t += step
+        return out
+
+
+def cpu_slowdown(in_ns, address: str, key: Path, mib: int = 64) -> dict[str, float]:
+    """One fixed CPU-bound job (sha256 of ``mib`` MiB of zeros) timed on this host and on a
+    node: how much slower the emulated guest is, to scale CPU-bound steps to KVM."""
+    job = f"head -c {mib}M /dev/zero | sha256sum >/dev/null"
+    t0 = time.monotonic()
+    subprocess.run(["bash", "-c", job], check=True)
+    host_s = time.monotonic() - t0
+    script = f"s=$(date +%s.%N); {job}; e=$(date +%s.%N); echo \"$s $e\""
+    out = in_ns("ssh", *SSH_OPTS, "-i", str(key), f"kubelab@{address}", script, timeout=600).stdout.split()
+    node_s = float(out[1]) - float(out[0])
+    return {"host_s": round(host_s, 3), "node_s": round(node_s, 3), "factor": round(node_s / host_s, 1)}
+
+
 def first_event(evs: list[dict]) -> float:
     return min((e["timestamp"] for e in evs if "timestamp" in e), default=0)
 
@@ -256,6 +318,7 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
     t.save()
     lab = Lab(state_file=tmp_path / "lab-state.json")
     lab.up()
+    cpu = HostCpu()
     # An earlier run cut short (killed, or a destroy that failed) must not break this one:
     # CI reuses the machine, and libvirt keeps the definitions.
     stale = lab.purge(NAME)
@@ -302,11 +365,16 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         ready = [v for k, v in times.items() if k.endswith("-cluster-ready")]
         assert ready, "no cluster-ready step in the engine's events"
         t["up_to_ready_s"] = round(ready[0][1] - up_start, 1)
+        if boots:  # R in the speed issue: what everything after the boot costs, in boots
+            t["ready_over_boot"] = round(t["up_to_ready_s"] / t["vm_boot_to_ssh_s"], 2)
         t["uploaded_bytes_per_node"] = uploaded_bytes(times, bundle)
         registry_step = times.get(f"{nodes_cfg[0]['name']}-registry")
         if registry_step:  # start the registry, unpack and push every archive (the step's own output has each push)
             t["registry_step_s"] = round(registry_step[1] - registry_step[0], 1)
         t["slowest_resources"] = slowest(times, up_start)
+        ready_at = ready[0][1]
+        t["host_cpu"] = {"cores": os.cpu_count(), "busy_up_to_ready": cpu.busy(up_start, ready_at),
+                         "busy_per_minute": cpu.profile(up_start, ready_at)}
         try:  # a measurement: its failure is recorded, never fails the run
             state1 = json.loads(project.run("stack", "export", "--stack", "e2e").stdout)
             t["critical_path"] = critical_path(times, state1, next(k for k in times if k.endswith("-cluster-ready")), up_start)
@@ -335,6 +403,10 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
                 f: (REAL_CACHE / "blobs" / f"{sums[f]}.gz").stat().st_size for f in sums if f.startswith("images/")}}
         except Exception as exc:
             t["addons"] = f"not measured: {exc!r}"
+        try:  # a measurement: how much slower than this host a node computes (TCG here)
+            t["cpu_slowdown"] = cpu_slowdown(in_ns, nodes_cfg[-1]["address"], prerequisites["key"])
+        except Exception as exc:
+            t["cpu_slowdown"] = f"not measured: {exc!r}"
         t["checks"] = {}
         try:
             verify_control_plane_reaches_services(in_ns, kubeconfig, kubectl_bin, nodes_cfg, tmp_path, t["checks"])
@@ -450,11 +522,13 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
             left = lab.purge(NAME)
             if left:
                 log(f"pulumi destroy left these behind (removed now): {left}")
+        cpu.stop()
         lab.down()
         t.save()
         summary = {k: t.get(k) for k in ("passed", "nodes", "vm_boot_to_ssh_s", "up_total_s", "up_to_ready_s",
                                           "noop_preview_s", "noop_up_s", "noop_uploaded_bytes", "replace_worker_s",
-                                          "destroy_s", "recreate_s", "destroy2_s", "checks")}
+                                          "destroy_s", "recreate_s", "destroy2_s", "ready_over_boot",
+                                          "registry_step_s", "host_cpu", "cpu_slowdown", "checks")}
         print(f"\ne2e timings ({TOPOLOGY}): {json.dumps(summary)}  -> {TIMINGS.relative_to(REPO)}")
 
 
