@@ -58,9 +58,10 @@ build-deps:
 tools: venv build-deps
 	$(PYTHON) tools/toolchain.py all
 
-# The node bundle alone.
+# The node bundle alone, for the pinned versions and the versions STACK's file sets
+# (make bundle STACK=prod builds what Pulumi.prod.yaml's `versions` ask for).
 bundle: venv build-deps
-	$(PYTHON) tools/toolchain.py bundle
+	$(PYTHON) tools/toolchain.py bundle --stack $(STACK)
 
 lab-deps:
 	@missing=$$(for p in $$(cat tools/apt-lab.txt); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

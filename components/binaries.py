@@ -123,8 +123,8 @@ def open_directory(root: Path, versions: dict[str, str], require_images: bool = 
     sums_file = root / "SHA256SUMS"
     if not sums_file.is_file():
         raise BinaryError(
-            f"binaries.path: {root} is not a kubelab bundle (no SHA256SUMS); run `make tools` to build "
-            f"one for these versions, or set binaries.path to a bundle directory"
+            f"binaries.path: {root} is not a kubelab bundle (no SHA256SUMS); run `make bundle STACK=<this stack>` "
+            f"to build one for its versions, or set binaries.path to a bundle directory"
         )
     vfile = root / "versions.json"
     if vfile.is_file():
@@ -132,7 +132,7 @@ def open_directory(root: Path, versions: dict[str, str], require_images: bool = 
         diff = {k: (built.get(k), v) for k, v in versions.items() if built.get(k) != v}
         if diff:
             listed = ", ".join(f"{k} {b} (want {w})" for k, (b, w) in sorted(diff.items()))
-            raise BinaryError(f"binaries.path: bundle {root} was built for other versions: {listed}; rebuild it with `make tools`")
+            raise BinaryError(f"binaries.path: bundle {root} was built for other versions: {listed}; rebuild it with `make bundle STACK=<this stack>`")
     sums = read_sums(sums_file)
     wanted = ALL_FILES + (IMAGE_FILES if require_images else ())
     files: dict[str, LocalFile] = {}
@@ -141,7 +141,7 @@ def open_directory(root: Path, versions: dict[str, str], require_images: bool = 
         if rel not in sums:
             raise BinaryError(f"binaries.path: {rel} is not listed in {sums_file}; the bundle is incomplete, rebuild it")
         if not path.is_file():
-            raise BinaryError(f"binaries.path: {path} is missing; the bundle is incomplete, rebuild it with `make tools`")
+            raise BinaryError(f"binaries.path: {path} is missing; the bundle is incomplete, rebuild it with `make bundle STACK=<this stack>`")
         actual = sha256_file(path)
         if actual != sums[rel]:
             raise BinaryError(f"binaries.path: {path} is corrupt (sha256 {actual}, manifest says {sums[rel]}); rebuild or re-copy the bundle")

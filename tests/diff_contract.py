@@ -8,11 +8,15 @@ the README's "What a pull request will show" table is exactly ``readme_rows()``.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from tests.pulumi_support import Project, planned
+from components.binaries import read_sums
+from components.versions import bundle_key, load_versions
+from tests.pulumi_support import REAL_CACHE, Project, planned
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Steps a new node must change besides its own resources: the wait for every node to be Ready
@@ -26,6 +30,41 @@ class Case:
     shows: str  # README wording of what the preview plans
     mutate: Callable[[dict], None]
     line: str  # a changed line the human --diff shows (the new value)
+
+
+# A served Kubernetes patch release beside the pinned one (versions.toml [node]): the module
+# proxy serves 1.36.1, 1.36.3 and 1.36.4 of this minor. Its bundle is built like any stack's
+# that pins another version (`make bundle STACK=...`); the e2e builds it if it is missing.
+OTHER_KUBERNETES_PATCH = "1.36.3"
+
+
+def _other_patch(raw: dict) -> None:
+    raw["versions"] = {**(raw.get("versions") or {}), "kubernetes": OTHER_KUBERNETES_PATCH}
+
+
+@dataclass(frozen=True)
+class Live:
+    """What the patch case is judged by: the bundle files whose bytes differ between the two
+    versions, and each step's and upload's dependencies in the live stack (by name)."""
+
+    changed_files: frozenset[str] = frozenset()
+    dependencies: dict[str, list[str]] = field(default_factory=dict)
+
+
+def bundle_dir(overrides: dict[str, str] | None = None) -> Path:
+    """The bundle a stack with these ``versions`` uses (binaries.source: directory)."""
+    return REAL_CACHE / "bundles" / bundle_key({**load_versions()["node"], **(overrides or {})})
+
+
+def live(project: Project) -> Live:
+    sums_now = read_sums(bundle_dir() / "SHA256SUMS")
+    sums_other = read_sums(bundle_dir({"kubernetes": OTHER_KUBERNETES_PATCH}) / "SHA256SUMS")
+    changed = frozenset(f for f, s in sums_now.items() if sums_other.get(f) != s)
+    resources = json.loads(project.run("stack", "export", "--stack", project.stack).stdout)["deployment"]["resources"]
+    name = {r["urn"]: r["urn"].rsplit("::", 1)[1] for r in resources}
+    deps = {name[r["urn"]]: [name[d] for d in r.get("dependencies", []) if d in name]
+            for r in resources if r["type"].startswith("command:remote:")}
+    return Live(changed, deps)
 
 
 def _more_workers(raw: dict) -> None:
@@ -48,6 +87,10 @@ CASES = [
     Case("`masters.memory_mib` + 512 on libvirt", "each master domain's update, or its replace where the libvirt "
          "provider decides so, and then the re-run of that master's own uploads and steps (its new machine "
          "identity); no other node's", _more_master_memory, "memory"),
+    Case(f"a Kubernetes patch version (`versions.kubernetes: {OTHER_KUBERNETES_PATCH}`, pinned: "
+         f"{load_versions()['node']['kubernetes']})", "an update of each upload whose file's bytes changed and of each "
+         "step that installs one of them, nothing else (no machine, no other step)", _other_patch,
+         "install_bin bin/kube-apiserver"),
 ]
 
 
@@ -55,8 +98,15 @@ def readme_rows() -> list[str]:
     return [f"| {c.change} | {c.shows} |" for c in CASES]
 
 
-def expected_ops(case: Case, raw: dict, nodes: list[dict], ops: dict[str, str]) -> dict[str, str] | None:
-    """The exact operations ``case`` must plan on this topology (None: judged by ``ops``)."""
+def expected_ops(case: Case, raw: dict, nodes: list[dict], ops: dict[str, str], ctx: Live | None = None) -> dict[str, str]:
+    """The exact operations ``case`` must plan on this topology (the memory case is judged
+    partly by ``ops``: the provider decides update or replace)."""
+    if case.mutate is _other_patch:
+        assert ctx is not None, "the patch case is judged against the live stack (diff_contract.live)"
+        changed = {f.replace("/", "-") for f in ctx.changed_files}
+        uploads = {n for n in ctx.dependencies if "-upload-" in n and n.split("-upload-", 1)[1] in changed}
+        steps = {n for n, deps in ctx.dependencies.items() if n not in uploads and uploads & set(deps)}
+        return {n: "update" for n in sorted(uploads | steps)}
     masters = [n["name"] for n in nodes if n["role"] == "master"]
     workload = [n["name"] for n in nodes if n["runs_workloads"]]
     first = masters[0]
@@ -94,6 +144,6 @@ def run_case(project: Project, raw: dict, nodes: list[dict], case: Case) -> dict
     finally:
         project.set_cluster(raw)
     diff_lines = [ln for ln in human.splitlines() if ln.lstrip().startswith(("+", "~")) and case.line in ln]
-    want = expected_ops(case, raw, nodes, ops)
+    want = expected_ops(case, raw, nodes, ops, live(project) if case.mutate is _other_patch else None)
     return {"change": case.change, "planned": ops, "expected": want, "ok": ops == want and bool(diff_lines),
             "diff_excerpt": diff_lines[:6]}

@@ -26,7 +26,7 @@ def test_directory_bundle_verifies(tmp_path):
 def test_directory_bundle_missing_file_is_named(tmp_path):
     root = make_bundle(tmp_path / "b", VERSIONS)
     (root / "bin/kube-proxy").unlink()
-    with pytest.raises(BinaryError, match=r"bin/kube-proxy is missing.*make tools"):
+    with pytest.raises(BinaryError, match=r"bin/kube-proxy is missing.*make bundle STACK="):
         open_directory(root, VERSIONS)
 
 
@@ -44,7 +44,7 @@ def test_directory_bundle_for_other_versions_is_refused(tmp_path):
 
 
 def test_not_a_bundle(tmp_path):
-    with pytest.raises(BinaryError, match=r"not a kubelab bundle \(no SHA256SUMS\); run `make tools`"):
+    with pytest.raises(BinaryError, match=r"not a kubelab bundle \(no SHA256SUMS\); run `make bundle STACK="):
         open_directory(tmp_path, VERSIONS)
 
 

@@ -73,12 +73,31 @@ def test_diff_contract_expectations_hold_for_the_e2e_nodes(topology, config_for)
     raw = apply_topology(config_for(), topology)
     nodes = _nodes(raw)
     assert {"name", "role", "runs_workloads"} <= set(nodes[0])
-    kubelet, apiserver, more_workers, memory = (expected_ops(c, raw, nodes, {}) for c in CASES)
+    kubelet, apiserver, more_workers, memory = (expected_ops(c, raw, nodes, {}) for c in CASES[:4])
     assert kubelet == {f"{n['name']}-kubelet": "update" for n in nodes if n["runs_workloads"]}
     assert apiserver == {f"{n['name']}-kube-apiserver": "update" for n in nodes if n["role"] == "master"}
     new = "worker-1" if topology == "seed000-ha" else "worker-3"
     assert more_workers == {"master-1-cluster-ready": "update", f"master-1-remove-node-{new}": "create"}
     assert set(memory) == {n["name"] for n in nodes if n["role"] == "master"}
+
+
+def test_patch_version_case_expects_the_changed_uploads_and_the_steps_that_install_them():
+    """Judged against the live stack's dependencies (synthetic here, from the real export in
+    the e2e): a step that installs a changed file updates; one that only waits for it does not."""
+    from tests.diff_contract import CASES, Live, expected_ops
+
+    ctx = Live(frozenset({"bin/kubelet", "images/pause.tar"}), {
+        "worker-1-upload-bin-kubelet": ["worker-1-wait-for-ssh"],
+        "worker-1-upload-bin-containerd": ["worker-1-wait-for-ssh"],
+        "worker-1-kubelet": ["worker-1-wait-for-ssh", "worker-1-upload-bin-kubelet", "worker-1-containerd"],
+        "worker-1-containerd": ["worker-1-upload-bin-containerd"],
+        "master-1-upload-images-pause.tar": ["master-1-wait-for-ssh"],
+        "master-1-registry": ["master-1-upload-images-pause.tar"],
+        "master-1-cluster-ready": ["worker-1-kubelet", "master-1-registry"],
+    })
+    assert expected_ops(CASES[4], {}, [], {}, ctx) == {
+        "master-1-registry": "update", "master-1-upload-images-pause.tar": "update",
+        "worker-1-kubelet": "update", "worker-1-upload-bin-kubelet": "update"}
 
 
 def test_critical_path_follows_the_dependency_that_finished_last():

@@ -750,13 +750,18 @@ def components(node: dict[str, str]) -> dict[str, tuple[str, Callable[[Path], No
     return table
 
 
-def build_bundle(timings: dict, only: list[str] | None = None) -> Path:
+def build_bundle(timings: dict, only: list[str] | None = None, overrides: dict[str, str] | None = None) -> Path:
     """Build (or reuse) every component and the node bundle; return the bundle directory.
 
     Cold build seconds land in ``timings`` and in ``$KUBELAB_CACHE/build-times.json``. With
-    ``only``, build just those components and return the cache root.
+    ``only``, build just those components and return the cache root. ``overrides`` are a
+    stack's ``versions`` settings (the bundle lands where that stack looks for it).
     """
-    node = kltools.versions()["node"]
+    node = dict(kltools.versions()["node"])
+    unknown = sorted(set(overrides or {}) - set(node))
+    if unknown:
+        raise SystemExit(f"[tools] versions.{unknown[0]}: not a [node] version in versions.toml ({', '.join(sorted(node))})")
+    node.update({k: str(v) for k, v in (overrides or {}).items()})
     table = components(node)
     parts: dict[str, Path] = {}
     try:

@@ -76,11 +76,32 @@ def build_pulumi(timings: dict[str, float]) -> bool:
     return True
 
 
-def build_bundle(timings: dict[str, float]) -> bool:
-    """Build the node bundle (``tools/bundle_build.py``, imported only when needed)."""
+def stack_versions(stack: str | None) -> dict[str, str]:
+    """The ``versions`` a stack file sets (``Pulumi.<stack>.yaml``), {} without one.
+
+    Read raw here: ``pulumi preview`` validates them (supported range, skew) with the rest of
+    the config; the build only needs to know which bundle to make.
+    """
+    if not stack:
+        return {}
+    path = kltools.REPO / f"Pulumi.{stack}.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    cfg = (yaml.safe_load(path.read_text()) or {}).get("config") or {}
+    return {str(k): str(v) for k, v in ((cfg.get("kubelab:cluster") or {}).get("versions") or {}).items()}
+
+
+def build_bundle(timings: dict[str, float], stack: str | None = None) -> bool:
+    """Build the node bundle for the pinned versions, with ``stack``'s overrides
+    (``tools/bundle_build.py``, imported only when needed)."""
     from bundle_build import build_bundle as build
 
-    build(timings)
+    overrides = stack_versions(stack)
+    if overrides:
+        log(f"stack {stack} sets versions {overrides}")
+    print(build(timings, overrides=overrides))
     return True
 
 
@@ -104,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run one action; exit status 1 if anything is missing."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["all", "pulumi", "bundle", "where", "actionlint"])
+    ap.add_argument("--stack", help="build the bundle for this stack's versions (Pulumi.<stack>.yaml)")
     args = ap.parse_args(argv)
     if args.action == "where":
         return where()
@@ -119,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action in ("all", "pulumi"):
             ok = build_pulumi(timings) and ok
         if args.action in ("all", "bundle"):
-            ok = build_bundle(timings) and ok
+            ok = build_bundle(timings, args.stack) and ok
     finally:
         save_times(timings)
         log(f"cold builds this run: {json.dumps(timings)}; {time.monotonic() - start:.1f} s")
