@@ -486,9 +486,15 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
 
         # --- destroy leaves nothing behind ---------------------------------------------------
         t0 = time.monotonic()
-        project.run("destroy", "--yes", "--skip-preview", timeout=1800)
+        ev = tmp_path / "destroy.events.jsonl"
+        project.run_logged(ev, "destroy", "--yes", "--skip-preview", timeout=1800)
         t["destroy_s"] = round(time.monotonic() - t0, 1)
         destroyed = True
+        try:  # a measurement: where a destroy's seconds go
+            dev = events(ev)
+            t["destroy_slowest"] = slowest(resource_times(dev), first_event(dev), n=12)
+        except Exception as exc:
+            t["destroy_slowest"] = f"not measured: {exc!r}"
         assert leftovers(lab, NAME) == [], f"left behind: {leftovers(lab, NAME)}"
         t.save()
         log(f"destroy in {t['destroy_s']} s left nothing behind")
