@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -215,6 +216,28 @@ def cpu_slowdown(in_ns, address: str, key: Path, mib: int = 64) -> dict[str, flo
     return {"host_s": round(host_s, 3), "node_s": round(node_s, 3), "factor": round(node_s / host_s, 1)}
 
 
+def pod_timeline(pods: dict, evs: dict, t0: float) -> list[dict]:
+    """Per kube-system pod, seconds after ``pulumi up`` began (``t0``): created, scheduled,
+    ready, and its image pull as the kubelet reports it. What ``cluster-ready`` waits for,
+    taken apart (``kubectl get pods,events -o json``)."""
+    def at(stamp: str | None) -> float | None:
+        return round(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - t0, 1) if stamp else None
+
+    pulls = {}
+    for e in evs["items"]:
+        m = re.search(r" in ([0-9.hms]+) \(", e.get("message", "")) if e.get("reason") == "Pulled" else None
+        if m:  # a Go duration: 850ms, 12.3s, 1m2.3s
+            unit = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+            pulls[e["involvedObject"]["name"]] = round(sum(float(v) * unit[u] for v, u in re.findall(r"([0-9.]+)(ms|h|m|s)", m.group(1))), 1)
+    out = []
+    for p in pods["items"]:
+        cond = {c["type"]: c.get("lastTransitionTime") for c in p["status"].get("conditions", [])}
+        out.append({"pod": p["metadata"]["name"], "node": p["spec"].get("nodeName"),
+                    "created_s": at(p["metadata"]["creationTimestamp"]), "scheduled_s": at(cond.get("PodScheduled")),
+                    "ready_s": at(cond.get("Ready")), "pull_s": pulls.get(p["metadata"]["name"])})
+    return sorted(out, key=lambda r: r["created_s"] or 0)
+
+
 def first_event(evs: list[dict]) -> float:
     return min((e["timestamp"] for e in evs if "timestamp" in e), default=0)
 
@@ -409,6 +432,9 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
             # Uploaded once, to the registry's master (nodes pull what they run from it).
             t["addons"] = {"rollout_s": rollout_seconds(deploys), "image_bytes_to_registry": {
                 f: (REAL_CACHE / "blobs" / f"{sums[f]}.gz").stat().st_size for f in sums if f.startswith("images/")}}
+            get = [kubectl_bin, "--kubeconfig", str(kubeconfig), "-n", "kube-system", "get", "-o", "json"]
+            t["kube_system_pods"] = pod_timeline(json.loads(in_ns(*get, "pods").stdout),
+                                                 json.loads(in_ns(*get, "events").stdout), up_start)
         except Exception as exc:
             t["addons"] = f"not measured: {exc!r}"
         try:  # a measurement: how much slower than this host a node computes (TCG here)
