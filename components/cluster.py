@@ -61,10 +61,11 @@ class Cluster(pulumi.ComponentResource):
         # 6. Pod network: flanneld on every node.
         pod_network = PodNetwork("pod-network", cfg, hosts, pki, control_plane, opts=child)
 
-        # 7. Nodes that run workloads: containerd → kubelet → kube-proxy.
+        # 7. Nodes that run workloads: containerd → kubelet → kube-proxy (once the API server
+        #    answers; the controllers and scheduler start beside them).
         api_internal = pulumi.Output.concat("https://", masters[0].private_address, ":6443")
         workers = [
-            WorkerNode(n, cfg, hosts[n.name], pki, api_internal, control_plane.ready,
+            WorkerNode(n, cfg, hosts[n.name], pki, api_internal, control_plane.api_ready,
                        pod_network.flanneld[n.name], registry.url if registry else None, opts=child)
             for n in cfg.workload_nodes
         ]
@@ -73,7 +74,7 @@ class Cluster(pulumi.ComponentResource):
         #    Services (webhooks, aggregated APIs) like every other node.
         proxies = [
             ServiceProxy(cfg, hosts[n.name], pki, api_internal,
-                         [*control_plane.ready, pod_network.flanneld[n.name]], opts=child)
+                         [*control_plane.api_ready, pod_network.flanneld[n.name]], opts=child)
             for n in cfg.master_nodes if not n.runs_workloads
         ]
 

@@ -176,6 +176,9 @@ class ControlPlane(pulumi.ComponentResource):
                 checks=[Check("curl -sfk https://127.0.0.1:10259/healthz -o /dev/null")],
             ), parent=self, depends_on=[self.apiserver[n]])
 
+        # What a node's kubelet and kube-proxy need: an API server answering on every master
+        # (not the controllers: they need nothing from a node to start, nor a node from them).
+        self.api_ready: list[pulumi.Resource] = [*self.apiserver.values()]
         self.ready: list[pulumi.Resource] = [
             self.flannel_config, self.apiserver_to_kubelet,
             *self.controller_manager.values(), *self.scheduler.values(),

@@ -45,16 +45,16 @@ class ServiceProxy(pulumi.ComponentResource):
 
 class WorkerNode(pulumi.ComponentResource):
     """containerd → kubelet → kube-proxy on one node; containerd installs while the control
-    plane bootstraps, kubelet and kube-proxy wait for it."""
+    plane bootstraps, kubelet and kube-proxy wait for its API server (``api_ready``)."""
 
     def __init__(self, node: NodeSpec, cfg: ClusterConfig, host: HostAccess, pki: ClusterPki,
-                 api_server: pulumi.Input[str], control_plane_ready: Sequence[pulumi.Resource],
+                 api_server: pulumi.Input[str], api_ready: Sequence[pulumi.Resource],
                  flanneld: pulumi.Resource, registry_url: pulumi.Input[str] | None,
                  opts: pulumi.ResourceOptions | None = None):
         super().__init__("kubelab:worker:WorkerNode", node.name, None, opts)
         self.node = node.name
         v, net = cfg.versions, cfg.network
-        ready = list(control_plane_ready)
+        ready = list(api_ready)
         self.steps: list[pulumi.Resource] = []
 
         # 0. Where the platform has a metadata service holding the machine's secrets

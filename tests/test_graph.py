@@ -157,27 +157,30 @@ def test_bootstrap_order_etcd_apiserver_controllers(request, graph):
 
 
 @pytest.mark.parametrize("graph", ["lab", "seed000"])
-def test_every_worker_step_but_containerd_waits_for_control_plane_ready(request, graph):
-    """Services that talk to the control plane start after it; containerd (and its image
-    imports) needs nothing from it and, on workers, runs while the masters bootstrap."""
+def test_node_services_wait_for_the_api_server_and_containerd_for_nothing_on_workers(request, graph):
+    """kubelet and kube-proxy start once every API server answers, beside the controllers
+    (they need nothing from each other to start); containerd (and its image imports) needs
+    nothing from the control plane and, on workers, runs while the masters bootstrap."""
     g: Graph = request.getfixturevalue(graph)
-    ready = control_plane_ready(g)
-    assert len(ready) >= 4
+    apiservers = [r for r in g.find(CMD) if r.name.endswith("-kube-apiserver")]
+    controllers = [r for r in g.find(CMD) if r.name.endswith(("-kube-controller-manager", "-kube-scheduler"))]
+    assert apiservers and controllers
     for containerd in [r for r in g.find(CMD) if r.name.endswith("-containerd")]:
         # ...except on a master that runs pods: there it would compete with etcd and the API server.
         on_master = containerd.name.startswith("master-")
-        assert all(g.depends_on(containerd, r) for r in ready) == on_master, containerd.name
+        assert all(g.depends_on(containerd, a) for a in apiservers) == on_master, containerd.name
     worker_steps = [r for r in g.find(CMD, parent_type="kubelab:worker:WorkerNode") if not r.name.endswith("-containerd")]
     assert worker_steps
     for step in worker_steps:
-        for r in ready:
-            assert g.depends_on(step, r), f"{step.name} does not wait for {r.name}"
-        assert any(g.depends_on(step, e) for e in g.find(CMD) if e.name.endswith("-kube-apiserver"))
+        for a in apiservers:
+            assert g.depends_on(step, a), f"{step.name} does not wait for {a.name}"
+        for c in controllers:
+            assert not g.depends_on(step, c), f"{step.name} waits for {c.name}, which it does not need"
     # flanneld talks to etcd only: it waits for its network config there, not for the API server.
     flannel_cfg = g.one("master-1-flannel-network-config")
     for flanneld in [r for r in g.find(CMD) if r.name.endswith("-flanneld")]:
         assert g.depends_on(flanneld, flannel_cfg), flanneld.name
-        assert not any(g.depends_on(flanneld, e) for e in g.find(CMD) if e.name.endswith("-kube-apiserver")), flanneld.name
+        assert not any(g.depends_on(flanneld, a) for a in apiservers), flanneld.name
 
 
 def test_node_local_order_and_final_readiness(lab):
