@@ -14,7 +14,7 @@ import pytest
 
 from components.versions import bundle_key, load_versions
 from tests.conftest import base_config, make_bundle
-from tests.mockrun import Graph, Registration, run_program
+from tests.mockrun import Graph, run_program
 from tests.test_rendered import unwrap
 
 CMD = "command:remote:Command"
@@ -53,11 +53,6 @@ def steps_of(g: Graph, node: str) -> set[str]:
 
 def uploads_of(g: Graph, node: str) -> set[str]:
     return {r.name.removeprefix(f"{node}-upload-") for r in g.find(COPY) if r.name.startswith(f"{node}-upload-")}
-
-
-def control_plane_ready(g: Graph) -> list[Registration]:
-    return [r for r in g.find(CMD)
-            if r.name.endswith(("-kube-controller-manager", "-kube-scheduler", "-rbac-apiserver-to-kubelet", "-flannel-network-config"))]
 
 
 def test_per_role_resource_sets_1_master_2_workers(lab):
