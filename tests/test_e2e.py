@@ -377,7 +377,8 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
             t[f"{label}_failed_s"] = took
             t.save()
             raise AssertionError(f"pulumi up ({label}) failed after {took} s:\n{proc.stdout[-12000:]}\n{proc.stderr[-4000:]}")
-        return took, {"times": times, "t0": first_event(evs)}
+        summary = next((e["summaryEvent"] for e in evs if "summaryEvent" in e), {})
+        return took, {"times": times, "t0": first_event(evs), "engine_s": summary.get("durationSeconds")}
 
     def fetch_kubeconfig() -> Path:
         kc = tmp_path / "kubeconfig"
@@ -448,12 +449,15 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
             t.save()
 
         # --- no-op: preview and a second up change and upload nothing ------------------------
-        t0 = time.monotonic()
+        t0, wall0 = time.monotonic(), time.time()
         proc = project.run("preview", "--expect-no-changes", "--diff", check=False, timeout=1200)
         t["noop_preview_s"] = round(time.monotonic() - t0, 1)
         t.save()
         assert proc.returncode == 0, f"a no-op preview planned changes:\n{proc.stdout[-12000:]}\n{proc.stderr[-3000:]}"
         t["noop_up_s"], run2 = up("up2", timeout=1200)
+        # The no-ops run on this host's CPU, which the emulated VMs share: how busy it was.
+        t["host_cpu"]["busy_during_noops"] = cpu.busy(wall0, time.time())
+        t["noop_up_engine_s"] = run2["engine_s"]
         changed = sorted(f"{k} ({v[2]})" for k, v in run2["times"].items() if v[2] not in ("same", "read"))
         t["noop_uploaded_bytes"] = sum(uploaded_bytes(run2["times"], bundle).values())
         t.save()
