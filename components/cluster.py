@@ -85,7 +85,7 @@ class Cluster(pulumi.ComponentResource):
         # 10. A node removed from the stack is drained and its Node object deleted, from the
         #    first master, before its machine goes (deleted before the node's own steps).
         removals = [
-            first.step(f"remove-node-{w.node}", "scripts/node-registered.sh.j2", StepSpec(
+            first.step(f"remove-node-{w.node}", "scripts/node-removal.sh.j2", StepSpec(
                 context={"target": w.node},
                 on_delete=("scripts/remove-node.sh.j2", {"target": w.node, "marker": DESTROYING_MARK,
                                                          "drain_timeout": DRAIN_TIMEOUT}),
