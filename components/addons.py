@@ -23,14 +23,14 @@ def dashboard_images_missing(cfg: ClusterConfig) -> list[str]:
 
 
 class Addons(pulumi.ComponentResource):
-    """Applies the enabled addons once the control plane is ready.
+    """Applies the enabled addons once the API server answers (``api_ready``).
 
     ``deployments`` lists (namespace, name) pairs the final readiness step waits to roll out;
     ``apiservices`` the aggregated APIs it waits to become Available.
     """
 
     def __init__(self, name: str, cfg: ClusterConfig, first_master: HostAccess, pki: ClusterPki,
-                 control_plane_ready: Sequence[pulumi.Resource], opts: pulumi.ResourceOptions | None = None):
+                 api_ready: Sequence[pulumi.Resource], opts: pulumi.ResourceOptions | None = None):
         super().__init__("kubelab:addons:Addons", name, None, opts)
         self.steps: list[pulumi.Resource] = []
         self.deployments: list[dict[str, str]] = []
@@ -43,7 +43,7 @@ class Addons(pulumi.ComponentResource):
                 image=f"registry.k8s.io/coredns/coredns:v{cfg.versions['coredns']}")
             self.steps.append(first_master.step("addon-coredns", "scripts/kubectl-apply.sh.j2",
                                                 StepSpec(context={"manifest": manifest}),
-                                                parent=self, depends_on=control_plane_ready))
+                                                parent=self, depends_on=api_ready))
             self.deployments.append({"namespace": "kube-system", "name": "coredns"})
         if cfg.addons["metrics_server"]:
             manifest = pki.ca.cert.apply(lambda ca: render(
@@ -59,7 +59,7 @@ class Addons(pulumi.ComponentResource):
                 secret_files=[SecretFile("/etc/kubernetes/addons/metrics-server-tls.yaml", pulumi.Output.secret(tls_secret))],
                 context={"manifest_files": ["/etc/kubernetes/addons/metrics-server-tls.yaml",
                                             "/etc/kubernetes/addons/metrics-server.yaml"]},
-            ), parent=self, depends_on=control_plane_ready))
+            ), parent=self, depends_on=api_ready))
             self.deployments.append({"namespace": "kube-system", "name": "metrics-server"})
             self.apiservices.append("v1beta1.metrics.k8s.io")
         if cfg.addons["dashboard"]:
@@ -67,7 +67,7 @@ class Addons(pulumi.ComponentResource):
                               scraper_version=cfg.addon_versions["dashboard_metrics_scraper"], access=cfg.dashboard.access)
             self.steps.append(first_master.step("addon-dashboard", "scripts/kubectl-apply.sh.j2",
                                                 StepSpec(context={"manifest": manifest}),
-                                                parent=self, depends_on=control_plane_ready))
+                                                parent=self, depends_on=api_ready))
             missing = dashboard_images_missing(cfg)
             if missing:
                 # Applied all the same (a mirror may appear later), but never waited for.

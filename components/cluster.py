@@ -78,9 +78,11 @@ class Cluster(pulumi.ComponentResource):
             for n in cfg.master_nodes if not n.runs_workloads
         ]
 
-        # 9. Addons: CoreDNS, metrics-server (and the Dashboard when enabled).
-        #    Their images come from the registry when there is one.
-        addons = Addons("addons", cfg, first, pki, [*control_plane.ready, *([registry.step] if registry else [])], opts=child)
+        # 9. Addons: CoreDNS, metrics-server (and the Dashboard when enabled), applied once the
+        #    API server answers (the scheduler places their pods when it is up). Their images
+        #    come from the registry when there is one.
+        addons = Addons("addons", cfg, first, pki, [*control_plane.api_ready, *([registry.step] if registry else [])],
+                        opts=child)
 
         # 10. A node removed from the stack is drained and its Node object deleted, from the
         #    first master, before its machine goes (deleted before the node's own steps).

@@ -171,6 +171,12 @@ def test_node_services_wait_for_the_api_server_and_containerd_for_nothing_on_wor
             assert g.depends_on(step, a), f"{step.name} does not wait for {a.name}"
         for c in controllers:
             assert not g.depends_on(step, c), f"{step.name} waits for {c.name}, which it does not need"
+    # The addons are API objects: applied once the API servers answer, beside the controllers.
+    addons = [r for r in g.find(CMD) if "-addon-" in r.name]
+    assert addons
+    for step in addons:
+        assert all(g.depends_on(step, a) for a in apiservers), step.name
+        assert not any(g.depends_on(step, c) for c in controllers), step.name
     # flanneld talks to etcd only: it waits for its network config there, not for the API server.
     flannel_cfg = g.one("master-1-flannel-network-config")
     for flanneld in [r for r in g.find(CMD) if r.name.endswith("-flanneld")]:
