@@ -133,6 +133,7 @@ class HostAccess(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(
                 parent=self,
                 depends_on=machine.depends_on,
+                deleted_with=machine.deleted_with,
                 custom_timeouts=pulumi.CustomTimeouts(create=SSH_WAIT_TIMEOUT, update=SSH_WAIT_TIMEOUT),
             ),
         )
@@ -150,7 +151,7 @@ class HostAccess(pulumi.ComponentResource):
                 remote_path=f"{STAGE}/{rel}.gz",
                 # A replaced machine gets every file again (an upload has no remote side to delete).
                 triggers=[self.machine.identity],
-                opts=pulumi.ResourceOptions(parent=parent, depends_on=[self.ready]),
+                opts=pulumi.ResourceOptions(parent=parent, depends_on=[self.ready], deleted_with=self.machine.deleted_with),
             )
         return self._uploads[rel]
 
@@ -208,6 +209,7 @@ class HostAccess(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(
                 parent=parent,
                 depends_on=[self.ready, *uploads, *depends_on],
+                deleted_with=machine.deleted_with,
                 custom_timeouts=pulumi.CustomTimeouts(create=timeout, update=timeout, delete="10m"),
             ),
         )

@@ -39,6 +39,11 @@ class Machine:
     depends_on: list[pulumi.Resource] = field(default_factory=list)  # e.g. the VM
     # False when kubelab created the machine and destroys it whole: no remote clean-up needed.
     teardown: bool = False
+    # The resource whose deletion takes the whole machine with it (the VM, the droplet). A
+    # step's delete (a node's drain, cluster-ready's destroy mark) is skipped when it goes in
+    # the same run, as Pulumi's deletedWith does: nothing on a machine needs undoing then.
+    # None for existing hosts, which outlive the stack.
+    deleted_with: pulumi.Resource | None = None
 
     @property
     def name(self) -> str:

@@ -73,6 +73,7 @@ class Registration:
     inputs: dict
     ignore_changes: list[str] = field(default_factory=list)
     delete_before_replace: bool = False
+    deleted_with: str = ""
 
 
 class RecordingMonitor(pmocks.MockMonitor):
@@ -93,6 +94,7 @@ class RecordingMonitor(pmocks.MockMonitor):
             inputs=inputs,
             ignore_changes=list(request.ignoreChanges),
             delete_before_replace=request.deleteBeforeReplace,
+            deleted_with=request.deletedWith,
         ))
         return response
 

@@ -199,6 +199,19 @@ def test_node_local_order_and_final_readiness(lab):
         assert lab.depends_on(final, r)
 
 
+def test_a_destroyed_machine_takes_its_steps_deletes_with_it(lab, config_for):
+    """On libvirt every step and upload is deleted with its VM (Pulumi's deletedWith): a
+    destroy of the lab runs no remote delete, not even cluster-ready's mark or a drain; a
+    worker removed alone is still drained, its removal step living on the first master."""
+    domains = {r.name: r.urn for r in lab.find("libvirt:index/domain:Domain")}
+    for r in lab.find(CMD) + lab.find(COPY):
+        node = next(n for n in domains if r.name.startswith(n + "-"))
+        assert r.deleted_with == domains[node], r.name
+    assert lab.one("master-1-remove-node-worker-1").deleted_with == domains["master-1"]
+    # Existing hosts outlive the stack: their steps' deletes always run.
+    assert all(r.deleted_with == "" for r in run_program(config_for("static")).find(CMD))
+
+
 def test_every_command_waits_for_ssh_and_its_vm(lab):
     domains = {r.name: r for r in lab.find("libvirt:index/domain:Domain")}
     for r in lab.find(CMD) + lab.find(COPY):

@@ -114,6 +114,7 @@ class DigitalOceanCluster(pulumi.ComponentResource):
             identity=droplet.id,
             metadata_address=METADATA_ADDRESS,
             depends_on=[droplet],
+            deleted_with=droplet,
         )
         return droplet, machine
 

@@ -132,6 +132,7 @@ class LibvirtLab(pulumi.ComponentResource):
             host_key=host_key,
             identity=domain.id,
             depends_on=[domain],
+            deleted_with=domain,
         )
         return machine, disk
 
