@@ -301,6 +301,7 @@ def apply_topology(raw: dict, topology: str) -> dict:
     - ``seed000``: seed 000's three CoreOS hosts, "coreos-1 Master, coreos-2 Minion1, coreos-3
       Minion2 ... the master is also a minion", flannel's config under ``/coreos.com/network``.
       (Seed 000 ran etcd on all three hosts for fleet; kubelab runs etcd on its masters.)
+    - ``1+4``: four workers, to compare bring-up with 1+2 (the speed issue's scaling goal).
     - ``seed000-ha``: every host a master that also runs pods, so etcd is on all three as in
       seed 000, with an apiserver on each too. Under TCG on 2 host cores this is more than the
       machine gives (measured: etcd slower than its clients' deadlines, a master unreachable).
@@ -313,8 +314,10 @@ def apply_topology(raw: dict, topology: str) -> dict:
         raw["workers"] = {**raw.get("workers", {}), "count": 0}
         raw["masters_run_workloads"] = True
         raw.setdefault("network", {})["etcd_prefix"] = "/coreos.com/network"
+    elif topology == "1+4":
+        raw["workers"] = {**raw.get("workers", {}), "count": 4}
     elif topology != "1+2":
-        raise ValueError(f"KUBELAB_E2E_TOPOLOGY={topology!r}: choose 1+2, seed000 or seed000-ha")
+        raise ValueError(f"KUBELAB_E2E_TOPOLOGY={topology!r}: choose 1+2, 1+4, seed000 or seed000-ha")
     return raw
 
 

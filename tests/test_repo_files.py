@@ -63,7 +63,7 @@ def test_readme_diff_table_is_the_e2e_contract():
     assert rows == readme_rows()
 
 
-@pytest.mark.parametrize("topology", ["1+2", "seed000", "seed000-ha"])
+@pytest.mark.parametrize("topology", ["1+2", "1+4", "seed000", "seed000-ha"])
 def test_diff_contract_expectations_hold_for_the_e2e_nodes(topology, config_for):
     """What the e2e computes before it previews: every case has an exact expectation for the
     nodes the e2e derives from its config (the real previews are the e2e's job)."""
@@ -76,7 +76,7 @@ def test_diff_contract_expectations_hold_for_the_e2e_nodes(topology, config_for)
     kubelet, apiserver, more_workers, memory = (expected_ops(c, raw, nodes, {}) for c in CASES[:4])
     assert kubelet == {f"{n['name']}-kubelet": "update" for n in nodes if n["runs_workloads"]}
     assert apiserver == {f"{n['name']}-kube-apiserver": "update" for n in nodes if n["role"] == "master"}
-    new = "worker-1" if topology == "seed000-ha" else "worker-3"
+    new = f"worker-{sum(n['role'] == 'worker' for n in nodes) + 1}"
     assert more_workers == {"master-1-cluster-ready": "update", f"master-1-remove-node-{new}": "create"}
     assert set(memory) == {n["name"] for n in nodes if n["role"] == "master"}
 
