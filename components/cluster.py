@@ -55,7 +55,7 @@ class Cluster(pulumi.ComponentResource):
         #    runs. It needs nothing from the control plane, so it is seeded while etcd and the
         #    API server start; only the addons wait for it (measured: after the control plane it
         #    was the longest link of `pulumi up`'s critical path).
-        registry = (Registry("registry", cfg, first, pki, [], opts=child)
+        registry = (Registry("registry", cfg, first, pki, opts=child)
                     if cfg.registry.enabled else None)
 
         # 6. Pod network: flanneld on every node.

@@ -37,13 +37,17 @@ class Machine:
     # (DigitalOcean: 169.254.169.254); pods are kept from reaching it.
     metadata_address: str | None = None
     depends_on: list[pulumi.Resource] = field(default_factory=list)  # e.g. the VM
-    # False when kubelab created the machine and destroys it whole: no remote clean-up needed.
-    teardown: bool = False
     # The resource whose deletion takes the whole machine with it (the VM, the droplet). A
     # step's delete (a node's drain, cluster-ready's destroy mark) is skipped when it goes in
     # the same run, as Pulumi's deletedWith does: nothing on a machine needs undoing then.
     # None for existing hosts, which outlive the stack.
     deleted_with: pulumi.Resource | None = None
+
+    @property
+    def teardown(self) -> bool:
+        """Whether steps remove what they installed when deleted: only on hosts kubelab did not
+        create (a VM or droplet kubelab made is destroyed whole, so nothing needs undoing)."""
+        return self.deleted_with is None
 
     @property
     def name(self) -> str:

@@ -7,7 +7,6 @@ images from here; nodes no longer get image archives of their own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import pulumi
@@ -77,7 +76,7 @@ class Registry(pulumi.ComponentResource):
     """
 
     def __init__(self, name: str, cfg: ClusterConfig, host: HostAccess, pki: ClusterPki,
-                 depends_on: Sequence[pulumi.Resource], opts: pulumi.ResourceOptions | None = None):
+                 opts: pulumi.ResourceOptions | None = None):
         super().__init__("kubelab:registry:Registry", name, None, opts)
         reg = cfg.registry
         tls = not reg.insecure
@@ -114,6 +113,6 @@ class Registry(pulumi.ComponentResource):
             context={"writer": writer, "tls": tls, "directory": reg.directory,
                      "pushes": [{k: s[k] for k in ("name", "sha256", "image", "layout")} for s in seeds]},
             remove=[CONFIG_DIR, reg.directory],
-        ), parent=self, depends_on=depends_on)
+        ), parent=self)
         self.images = sorted(str(s["image"]) for s in seeds)
         self.register_outputs({"url": self.url, "images": self.images})

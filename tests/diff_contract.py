@@ -36,10 +36,11 @@ class Case:
 # proxy serves 1.36.1, 1.36.3 and 1.36.4 of this minor. Its bundle is built like any stack's
 # that pins another version (`make bundle STACK=...`); the e2e builds it if it is missing.
 OTHER_KUBERNETES_PATCH = "1.36.3"
+PATCH_VERSIONS = {"kubernetes": OTHER_KUBERNETES_PATCH}  # the case's `versions` settings
 
 
 def _other_patch(raw: dict) -> None:
-    raw["versions"] = {**(raw.get("versions") or {}), "kubernetes": OTHER_KUBERNETES_PATCH}
+    raw["versions"] = {**(raw.get("versions") or {}), **PATCH_VERSIONS}
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def bundle_dir(overrides: dict[str, str] | None = None) -> Path:
 
 def live(project: Project) -> Live:
     sums_now = read_sums(bundle_dir() / "SHA256SUMS")
-    sums_other = read_sums(bundle_dir({"kubernetes": OTHER_KUBERNETES_PATCH}) / "SHA256SUMS")
+    sums_other = read_sums(bundle_dir(PATCH_VERSIONS) / "SHA256SUMS")
     changed = frozenset(f for f, s in sums_now.items() if sums_other.get(f) != s)
     resources = json.loads(project.run("stack", "export", "--stack", project.stack).stdout)["deployment"]["resources"]
     name = {r["urn"]: r["urn"].rsplit("::", 1)[1] for r in resources}

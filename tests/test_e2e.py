@@ -29,7 +29,6 @@ import yaml
 
 from components.binaries import read_sums
 from components.config import BackupConfig
-from components.versions import bundle_key, load_versions
 from tests import diff_contract
 from tests.pulumi_support import REAL_CACHE, REPO, Project, toolchain_bin
 
@@ -216,6 +215,9 @@ def cpu_slowdown(in_ns, address: str, key: Path, mib: int = 64) -> dict[str, flo
     return {"host_s": round(host_s, 3), "node_s": round(node_s, 3), "factor": round(node_s / host_s, 1)}
 
 
+GO_DURATION_UNITS = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+
+
 def pod_timeline(pods: dict, evs: dict, t0: float) -> list[dict]:
     """Per kube-system pod, seconds after ``pulumi up`` began (``t0``): created, scheduled,
     ready, and its image pull as the kubelet reports it. What ``cluster-ready`` waits for,
@@ -227,8 +229,8 @@ def pod_timeline(pods: dict, evs: dict, t0: float) -> list[dict]:
     for e in evs["items"]:
         m = re.search(r" in ([0-9.hms]+) \(", e.get("message", "")) if e.get("reason") == "Pulled" else None
         if m:  # a Go duration: 850ms, 12.3s, 1m2.3s
-            unit = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
-            pulls[e["involvedObject"]["name"]] = round(sum(float(v) * unit[u] for v, u in re.findall(r"([0-9.]+)(ms|h|m|s)", m.group(1))), 1)
+            pulls[e["involvedObject"]["name"]] = round(
+                sum(float(v) * GO_DURATION_UNITS[u] for v, u in re.findall(r"([0-9.]+)(ms|h|m|s)", m.group(1))), 1)
     out = []
     for p in pods["items"]:
         cond = {c["type"]: c.get("lastTransitionTime") for c in p["status"].get("conditions", [])}
@@ -268,7 +270,7 @@ def leftovers(lab, name: str) -> list[str]:
 def prerequisites() -> dict[str, Path]:
     """The node bundle, the base image and the lab SSH key (the Pulumi toolchain is checked
     by the tests that run pulumi)."""
-    bundle = REAL_CACHE / "bundles" / bundle_key(load_versions()["node"])
+    bundle = diff_contract.bundle_dir()
     image = REAL_CACHE / "images" / "debian-trixie.qcow2"
     if not (bundle / "SHA256SUMS").exists():
         pytest.skip(f"NODE BUNDLE MISSING ({bundle}); run `make tools`")
@@ -344,12 +346,11 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
     t.save()
     # The diff contract's patch case previews the stack on a second bundle: built (or found in
     # the cache) now, before any VM competes for the CPU.
-    patch = {"kubernetes": diff_contract.OTHER_KUBERNETES_PATCH}
-    if not (diff_contract.bundle_dir(patch) / ".done").exists():
+    if not (diff_contract.bundle_dir(diff_contract.PATCH_VERSIONS) / ".done").exists():
         from bundle_build import build_bundle  # tools/bundle_build.py
 
-        log(f"building the node bundle for Kubernetes {patch['kubernetes']} (the diff contract's patch case)")
-        build_bundle({}, overrides=patch)
+        log(f"building the node bundle for {diff_contract.PATCH_VERSIONS} (the diff contract's patch case)")
+        build_bundle({}, overrides=diff_contract.PATCH_VERSIONS)
     lab = Lab(state_file=tmp_path / "lab-state.json")
     lab.up()
     cpu = HostCpu()

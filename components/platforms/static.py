@@ -34,7 +34,6 @@ def create_machines(cfg: ClusterConfig, parent: pulumi.Resource) -> Fleet:
             private_key=Path(n.ssh_private_key_file).read_text() if n.ssh_private_key_file else default_key,
             host_key=n.host_key,
             identity=f"{n.name}@{n.public_address or n.address}",
-            teardown=True,
         )
         for n in cfg.nodes
     ]
