@@ -166,7 +166,8 @@ def test_push_script_pushes_each_archive_once(tmp_path):
 
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, timeout=60,
-                              env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+                              env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}",
+                                   "KUBELAB_SYSTEMD_LOCK": str(tmp_path / "systemd.lock")})
 
     first = run()
     assert first.returncode == 0, first.stderr
