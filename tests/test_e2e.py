@@ -30,7 +30,7 @@ import yaml
 from components.binaries import read_sums
 from components.config import BackupConfig
 from tests import diff_contract
-from tests.pulumi_support import REAL_CACHE, REPO, Project, toolchain_bin
+from tests.pulumi_support import REAL_CACHE, REPO, Project, planned, toolchain_bin
 
 pytestmark = pytest.mark.e2e
 sys.path.insert(0, str(REPO / "lab"))
@@ -509,6 +509,10 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
             proc = project.run("preview", "--expect-no-changes", check=False, timeout=1200)
             assert proc.returncode == 0, f"preview after the replacement planned changes:\n{proc.stdout[-8000:]}"
 
+        # --- scaling workers: 2 -> 3 creates only the new node's resources, 3 -> 2 drains it -----
+        if TOPOLOGY == "1+2":
+            verify_scaling(project, raw, nodes_cfg, up, in_ns, kubeconfig, kubectl_bin, lab, t)
+
         # --- etcd: a snapshot through the timer's service, then a restore that brings data back -
         if sum(n["role"] == "master" for n in nodes_cfg) == 1:  # the restore tool's scope
             verify_backup_restore(project, in_ns, kubeconfig, kubectl_bin, nodes_cfg, prerequisites["key"], t)
@@ -575,9 +579,117 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         t.save()
         summary = {k: t.get(k) for k in ("passed", "nodes", "vm_boot_to_ssh_s", "up_total_s", "up_to_ready_s",
                                           "noop_preview_s", "noop_up_s", "noop_uploaded_bytes", "replace_worker_s",
+                                          "scale_up_s", "scale_down_s",
                                           "destroy_s", "recreate_s", "destroy2_s", "ready_over_boot",
                                           "registry_step_s", "host_cpu", "cpu_slowdown", "checks")}
         print(f"\ne2e timings ({TOPOLOGY}): {json.dumps(summary)}  -> {TIMINGS.relative_to(REPO)}")
+
+
+SPREAD = "spread"  # the scaling phase's Deployment: one replica per worker while there are three
+
+
+def spread_deployment(replicas: int) -> str:
+    """A Deployment that puts at most one more pod on a node than on any other (hard spread by
+    hostname), behind a PodDisruptionBudget that lets a drain evict one pod at a time."""
+    labels = {"app": SPREAD}
+    return yaml.safe_dump_all([
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": SPREAD},
+         "spec": {"replicas": replicas, "selector": {"matchLabels": labels}, "template": {
+             "metadata": {"labels": labels},
+             "spec": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                                      "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": labels}}],
+                      "containers": [{"name": "netcheck", "image": "kubelab.local/netcheck:e2e", "args": ["serve"],
+                                      "imagePullPolicy": "IfNotPresent",
+                                      "readinessProbe": {"httpGet": {"path": "/", "port": 8080}}}]}}}},
+        {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": SPREAD},
+         "spec": {"minAvailable": replicas - 1, "selector": {"matchLabels": labels}}},
+    ])
+
+
+def verify_scaling(project: Project, raw: dict, nodes_cfg: list[dict], up, in_ns, kubeconfig: Path, kubectl_bin: str,
+                   lab, t: dict) -> None:
+    """``workers.count`` 2 -> 3 -> 2 on the live stack (the lifecycle issue's scaling e2e).
+
+    Up: the preview plans creates for the new node only, plus the two named shared steps (the
+    diff contract's ``workers.count + 1`` row); the up touches exactly what was planned; the new
+    node joins Ready and takes pods. Down: the preview plans the exact mirror (deletes of every
+    resource the up created, the shared ``cluster-ready`` updated); the up drains the node
+    (respecting a PodDisruptionBudget) and deletes its Node object before its machine goes; the
+    pods run on the remaining workers; nothing of the node is left in libvirt or the cluster."""
+    scale_case = next(c for c in diff_contract.CASES if c.change.startswith("`workers.count`"))
+    bigger = json.loads(json.dumps(raw))
+    scale_case.mutate(bigger)
+    new = f"worker-{bigger['workers']['count']}"
+    first = nodes_cfg[0]["name"]
+    kubectl = [kubectl_bin, "--kubeconfig", str(kubeconfig)]
+
+    def plan(cluster: dict) -> tuple[dict[str, str], set[str]]:
+        """The planned operations by name, and the names that are components (the engine's
+        events list only custom resources)."""
+        project.set_cluster(cluster)
+        preview, proc = project.preview_json(check=False)
+        assert proc.returncode == 0, f"preview failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+        steps = [s for s in planned(preview) if s["op"] not in ("same", "read")]
+        return {s["name"]: s["op"] for s in steps}, {s["name"] for s in steps if (s["type"] or "").startswith("kubelab:")}
+
+    def touched(times: dict) -> dict[str, str]:
+        return {k: v[2] for k, v in times.items() if v[2] not in ("same", "read")}
+
+    # --- 2 -> 3 -------------------------------------------------------------------------------
+    try:
+        ops_up, components = plan(bigger)
+        want = diff_contract.expected_ops(scale_case, raw, nodes_cfg, ops_up)
+        assert ops_up == want, f"scale-up preview planned {ops_up}, expected {want}"
+        t["scale_up_planned"] = len(ops_up)
+        log(f"scale up to 3 workers: {len(ops_up)} planned ({sum(v == 'create' for v in ops_up.values())} creates)")
+        took, run = up("scale-up")
+    except BaseException:
+        project.set_cluster(raw)
+        raise
+    t["scale_up_s"] = took
+    did = touched(run["times"])
+    planned_custom = {k: v for k, v in ops_up.items() if k not in components}
+    assert did == planned_custom, f"scale-up touched {did}, planned {planned_custom}"
+    in_ns(*kubectl, "wait", "--for=condition=Ready", f"node/{new}", "--timeout=600s", timeout=660)
+    in_ns(*kubectl, "apply", "-f", "-", input=spread_deployment(3))
+    in_ns(*kubectl, "rollout", "status", f"deployment/{SPREAD}", "--timeout=600s", timeout=660)
+    pods = json.loads(in_ns(*kubectl, "get", "pods", "-l", f"app={SPREAD}", "-o", "json").stdout)["items"]
+    spread = sorted(p["spec"]["nodeName"] for p in pods)
+    workers_now = sorted([*(n["name"] for n in nodes_cfg if n["runs_workloads"]), new])
+    assert spread == workers_now, f"{SPREAD} pods on {spread}, expected one on each of {workers_now}"
+    t.save()
+    log(f"{new} joined Ready in {took} s; {SPREAD} pods on {spread}")
+
+    # --- 3 -> 2 -------------------------------------------------------------------------------
+    ops_down, components_down = plan(raw)
+    mirror = {k: "delete" for k, v in ops_up.items() if v == "create"}
+    mirror.update({k: v for k, v in ops_up.items() if v != "create"})  # cluster-ready lists the nodes again
+    assert ops_down == mirror, f"scale-down preview planned {ops_down}, expected {mirror}"
+    t["scale_down_planned"] = len(ops_down)
+    log(f"scale down to 2 workers: {len(ops_down)} planned ({sum(v == 'delete' for v in ops_down.values())} deletes)")
+    took, run = up("scale-down")
+    t["scale_down_s"] = took
+    times = run["times"]
+    did = touched(times)
+    planned_custom = {k: v for k, v in ops_down.items() if k not in components_down}
+    assert did == planned_custom, f"scale-down touched {did}, planned {planned_custom}"
+    removal = times[f"{first}-remove-node-{new}"]
+    assert removal[1] <= times[new][0], f"{new}'s machine went before it was drained: {removal} vs {times[new]}"
+    names = sorted(n["metadata"]["name"] for n in json.loads(in_ns(*kubectl, "get", "nodes", "-o", "json").stdout)["items"])
+    assert names == sorted(n["name"] for n in nodes_cfg if n["runs_workloads"]), f"registered after scale-down: {names}"
+    in_ns(*kubectl, "rollout", "status", f"deployment/{SPREAD}", "--timeout=600s", timeout=660)
+    pods = json.loads(in_ns(*kubectl, "get", "pods", "-l", f"app={SPREAD}", "-o", "json").stdout)["items"]
+    moved = sorted(p["spec"].get("nodeName", "") for p in pods if p["metadata"].get("deletionTimestamp") is None)
+    assert len(moved) == 3 and new not in moved, f"{SPREAD} pods after scale-down: {moved}"
+    left = [x for x in leftovers(lab, NAME) if new in x]
+    assert left == [], f"{new} left behind: {left}"
+    proc = project.run("preview", "--expect-no-changes", check=False, timeout=1200)
+    assert proc.returncode == 0, f"preview after the scale-down planned changes:\n{proc.stdout[-8000:]}"
+    in_ns(*kubectl, "delete", "deployment,poddisruptionbudget", SPREAD, "--wait=true", timeout=300)
+    t["scaling"] = {"new_node": new, "up_planned": ops_up, "down_planned": ops_down, "pods_after_up": spread,
+                    "pods_after_down": moved, "drained_before_machine_s": round(times[new][0] - removal[1], 1)}
+    t.save()
+    log(f"{new} drained, its Node deleted, then its machine: {took} s; {SPREAD} pods now on {moved}")
 
 
 def verify_cluster(in_ns, kubeconfig: Path, kubectl_bin: str, nodes_cfg: list[dict], api: str, pre: dict[str, Path],
