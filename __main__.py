@@ -1,6 +1,7 @@
 """kubelab: Kubernetes from release binaries on libvirt VMs, DigitalOcean droplets or your hosts.
 
-Load and validate the stack config, verify the binaries, build the cluster, export.
+Load and validate the stack config, check the change against what the stack runs now, verify
+the binaries, build the cluster, export.
 """
 
 import pulumi
@@ -8,9 +9,11 @@ import pulumi
 from components.binaries import BinaryError, resolve
 from components.cluster import Cluster
 from components.config import ConfigError, parse_cluster_config
+from components.transitions import check_transition, read_deployed
 
 try:
     cfg = parse_cluster_config(pulumi.Config("kubelab").get_object("cluster"), pulumi.get_stack())
+    check_transition(cfg, read_deployed())
     bundle = resolve(cfg.binaries, cfg.versions)
 except (ConfigError, BinaryError) as exc:
     # A clean error at preview time, before any resource is registered.
@@ -22,3 +25,5 @@ pulumi.export("apiserverUrl", cluster.apiserver_url)
 pulumi.export("kubeconfig", cluster.kubeconfig)
 pulumi.export("nodes", cluster.nodes)
 pulumi.export("registryUrl", cluster.registry_url)
+# What the cluster runs: the next preview refuses a skipped or backward minor version.
+pulumi.export("kubernetesVersion", cfg.versions["kubernetes"])

@@ -1,9 +1,11 @@
 """The real Pulumi engine and providers, offline: previews of the libvirt and DigitalOcean
-stacks, and a bad config refused with nothing planned (marker ``engine``)."""
+stacks, a bad config and a change the running cluster cannot take, each refused with
+nothing planned (marker ``engine``)."""
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -103,6 +105,35 @@ def test_bad_config_fails_preview_with_the_message_and_plans_nothing(tmp_path):
     assert "network.service_cidr: 10.32.0.0/24 overlaps network.pod_cidr" in text
     assert "Traceback" not in text
     assert planned(preview) == []
+
+
+def test_a_change_the_running_cluster_cannot_take_is_refused_at_preview(tmp_path):
+    """The stack's last outputs say it runs one master (a state imported as a real ``up`` would
+    leave it): a preview that asks for three is refused through the engine's own
+    ``readStackOutputs``, with the setting and the way forward, and plans nothing."""
+    cache = prepare_cache(tmp_path / "cache")
+    cluster = base_config(cache, "digitalocean")
+    project = Project(tmp_path, "running", cluster, secrets={"digitalocean:token": "dummy"}, cache=cache, providers=())
+    outputs = {"nodes": [{"name": "master-1", "role": "master"}, {"name": "worker-1", "role": "worker"},
+                         {"name": "worker-2", "role": "worker"}], "kubernetesVersion": "1.36.4"}
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"version": 3, "deployment": {
+        "manifest": {"time": "2026-11-24T00:00:00Z", "magic": "", "version": ""},
+        "resources": [{"urn": "urn:pulumi:running::kubelab::pulumi:pulumi:Stack::kubelab-running", "custom": False,
+                       "type": "pulumi:pulumi:Stack", "outputs": outputs}]}}))
+    project.run("stack", "import", "--file", str(state), "--stack", "running")
+    cluster["masters"] = {"count": 3}
+    project.set_cluster(cluster)
+    preview, proc = project.preview_json(check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text
+    assert "masters: this stack runs 1 master(s) (master-1) and the config asks for 3" in text, text
+    assert "Keep masters.count at 1" in text and "Traceback" not in text
+    assert planned(preview) == []
+    cluster["masters"] = {"count": 1}  # the same masters: the guard lets it through
+    project.set_cluster(cluster)
+    _, proc = project.preview_json(check=False)
+    assert "masters: this stack runs" not in proc.stdout + proc.stderr
 
 
 def test_secrets_are_encrypted_in_preview_state_inputs(tmp_path):
