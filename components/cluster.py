@@ -5,7 +5,7 @@ from __future__ import annotations
 import pulumi
 
 from components.addons import Addons
-from components.binaries import Bundle
+from components.binaries import Bundle, prepare_archives
 from components.config import ClusterConfig
 from components.control_plane import ControlPlane
 from components.host import HostAccess, StepSpec
@@ -44,8 +44,10 @@ class Cluster(pulumi.ComponentResource):
             opts=child,
         )
 
-        # 3. Every host answers on SSH and has finished booting.
-        hosts = {m.name: HostAccess(m, bundle, opts=child) for m in fleet.machines}
+        # 3. Every host answers on SSH and has finished booting, and gets its binaries as a few
+        #    xz archives (compressed here once per bundle, side by side, before any is needed).
+        archives = prepare_archives(cfg, bundle)
+        hosts = {m.name: HostAccess(m, bundle, archives[m.name], opts=child) for m in fleet.machines}
         first = hosts[masters[0].name]
 
         # 4. Control plane: etcd → kube-apiserver → controller-manager, scheduler.

@@ -1,4 +1,4 @@
-"""Per-host plumbing: wait for SSH, upload bundle files, run install steps.
+"""Per-host plumbing: wait for SSH, upload and unpack the node's archives, run install steps.
 
 Every install step is one ``remote.Command`` whose ``create`` is a rendered, readable script
 (so ``pulumi preview --diff`` shows a changed kubelet flag as a changed line) and whose
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pulumi
 from pulumi_command import remote
 
-from components.binaries import Bundle, LocalFile, gzip_blob
+from components.binaries import Bundle, LocalFile, gzip_blob, sha256_file, xz_archive
 from components.machine import Machine
 from components.render import render
 
@@ -116,7 +116,8 @@ class HostAccess(pulumi.ComponentResource):
     later command on the host depends on it.
     """
 
-    def __init__(self, machine: Machine, bundle: Bundle, opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, machine: Machine, bundle: Bundle, archives: dict[str, Sequence[str]],
+                 opts: pulumi.ResourceOptions | None = None):
         super().__init__("kubelab:node:HostAccess", machine.name, None, opts)
         self.machine = machine
         self.bundle = bundle
@@ -137,12 +138,39 @@ class HostAccess(pulumi.ComponentResource):
                 custom_timeouts=pulumi.CustomTimeouts(create=SSH_WAIT_TIMEOUT, update=SSH_WAIT_TIMEOUT),
             ),
         )
+        # The node's binaries: each archive uploaded, then unpacked into the staging dir once
+        # (binaries.node_archives says which; a step depends on the unpack of the one it needs).
+        self.unpacked: dict[str, remote.Command] = {}
+        for archive, rels in archives.items():
+            members = [(rel, bundle.get(rel)) for rel in rels]
+            local = xz_archive(members)
+            upload = remote.CopyToRemote(
+                f"{machine.name}-upload-{archive}",
+                connection=machine.connection(),
+                source=pulumi.FileAsset(str(local)),
+                remote_path=f"{STAGE}/{archive}.tar.xz",
+                # A replaced machine gets every archive again (an upload has no remote side to delete).
+                triggers=[machine.identity],
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[self.ready], deleted_with=machine.deleted_with),
+            )
+            self.unpacked[archive] = self.step(f"unpack-{archive}", "scripts/unpack-archive.sh.j2", StepSpec(
+                context={"archive": archive, "sha256": sha256_file(local),
+                         "members": [{"name": rel, "sha256": f.sha256} for rel, f in members]},
+            ), parent=self, depends_on=[upload])
+        self._archive_of = {rel: a for a, rels in archives.items() for rel in rels}
         self.register_outputs({"host": machine.host, "private_address": machine.private_address})
 
+    def unpacked_for(self, step: str, rel: str) -> remote.Command:
+        """The unpack of the archive that carries bundle file ``rel`` to this host."""
+        if rel not in self._archive_of:
+            raise ValueError(f"{self.machine.name}: step {step} installs {rel}, which no archive of this node carries "
+                             f"(binaries.node_archives must list it)")
+        return self.unpacked[self._archive_of[rel]]
+
     def upload(self, rel: str, parent: pulumi.Resource, local: LocalFile | None = None) -> remote.CopyToRemote:
-        """Copy one file (a bundle file, or ``local``), gzipped, to the host's staging dir as
-        ``rel``.gz (re-copied only when it changes); the step that uses it unpacks it and
-        checks the sha256 of the original."""
+        """Copy one image archive (a bundle file, or ``local``), gzipped, to the host's staging
+        dir as ``rel``.gz (re-copied only when it changes); the step that uses it unpacks it
+        and checks the sha256 of the original."""
         if rel not in self._uploads:
             self._uploads[rel] = remote.CopyToRemote(
                 f"{self.machine.name}-upload-{rel.replace('/', '-')}",
@@ -166,7 +194,10 @@ class HostAccess(pulumi.ComponentResource):
     ) -> remote.Command:
         """One idempotent install/start command on this host (see module docstring)."""
         machine = self.machine
-        uploads = [self.upload(b.rel, parent) for b in spec.binaries]
+        uploads: list[pulumi.Resource] = []
+        for b in spec.binaries:
+            if (unpacked := self.unpacked_for(name, b.rel)) not in uploads:
+                uploads.append(unpacked)
         uploads += [self.upload(rel, parent) for rel in spec.images]
         uploads += [self.upload(rel, parent, local) for rel, local in spec.uploads]
         binaries = [{"name": b.rel, "sha256": self.bundle.get(b.rel).sha256, "dest": b.dest} for b in spec.binaries]

@@ -50,6 +50,7 @@ class Live:
 
     changed_files: frozenset[str] = frozenset()
     dependencies: dict[str, list[str]] = field(default_factory=dict)
+    creates: dict[str, str] = field(default_factory=dict)  # each step's script as the stack holds it
 
 
 def bundle_dir(overrides: dict[str, str] | None = None) -> Path:
@@ -63,9 +64,24 @@ def live(project: Project) -> Live:
     changed = frozenset(f for f, s in sums_now.items() if sums_other.get(f) != s)
     resources = json.loads(project.run("stack", "export", "--stack", project.stack).stdout)["deployment"]["resources"]
     name = {r["urn"]: r["urn"].rsplit("::", 1)[1] for r in resources}
-    deps = {name[r["urn"]]: [name[d] for d in r.get("dependencies", []) if d in name]
-            for r in resources if r["type"].startswith("command:remote:")}
-    return Live(changed, deps)
+    remote = [r for r in resources if r["type"].startswith("command:remote:")]
+    deps = {name[r["urn"]]: [name[d] for d in r.get("dependencies", []) if d in name] for r in remote}
+    creates = {name[r["urn"]]: str(r.get("inputs", {}).get("create", "")) for r in remote}
+    return Live(changed, deps, creates)
+
+
+def patch_updates(changed_files: set[str] | frozenset[str], creates: dict[str, str],
+                  dependencies: dict[str, list[str]]) -> dict[str, str]:
+    """What new bytes in ``changed_files`` must update, and nothing else: each node archive that
+    carries one (its upload and its unpack step), each image upload of one, and each step that
+    installs one (``install_bin``) or uses a changed image upload."""
+    unpacks = {n for n, c in creates.items() if "-unpack-" in n and any(f"  {f}\n" in c for f in changed_files)}
+    archives = {n.replace("-unpack-", "-upload-", 1) for n in unpacks}
+    dashed = {f.replace("/", "-") for f in changed_files}
+    files = {n for n in dependencies if "-upload-" in n and n.split("-upload-", 1)[1] in dashed}
+    installs = {n for n, c in creates.items() if any(f"install_bin {f} " in c for f in changed_files)}
+    installs |= {n for n, deps in dependencies.items() if n not in files and files & set(deps)}
+    return {n: "update" for n in sorted(unpacks | archives | files | installs)}
 
 
 def _more_workers(raw: dict) -> None:
@@ -89,8 +105,8 @@ CASES = [
          "provider decides so, and then the re-run of that master's own uploads and steps (its new machine "
          "identity); no other node's", _more_master_memory, "memory"),
     Case(f"a Kubernetes patch version (`versions.kubernetes: {OTHER_KUBERNETES_PATCH}`, pinned: "
-         f"{load_versions()['node']['kubernetes']})", "an update of each upload whose file's bytes changed and of each "
-         "step that installs one of them, nothing else (no machine, no other step)", _other_patch,
+         f"{load_versions()['node']['kubernetes']})", "an update of each node archive holding a changed binary (its upload "
+         "and unpack step) and of each step that installs one, nothing else (no machine, no other step)", _other_patch,
          "install_bin bin/kube-apiserver"),
 ]
 
@@ -104,10 +120,7 @@ def expected_ops(case: Case, raw: dict, nodes: list[dict], ops: dict[str, str], 
     partly by ``ops``: the provider decides update or replace)."""
     if case.mutate is _other_patch:
         assert ctx is not None, "the patch case is judged against the live stack (diff_contract.live)"
-        changed = {f.replace("/", "-") for f in ctx.changed_files}
-        uploads = {n for n in ctx.dependencies if "-upload-" in n and n.split("-upload-", 1)[1] in changed}
-        steps = {n for n, deps in ctx.dependencies.items() if n not in uploads and uploads & set(deps)}
-        return {n: "update" for n in sorted(uploads | steps)}
+        return patch_updates(ctx.changed_files, ctx.creates, ctx.dependencies)
     masters = [n["name"] for n in nodes if n["role"] == "master"]
     workload = [n["name"] for n in nodes if n["runs_workloads"]]
     first = masters[0]

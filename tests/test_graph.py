@@ -9,10 +9,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import re
 
 import pytest
 
 from components.versions import bundle_key, load_versions
+from tests import diff_contract
 from tests.conftest import base_config, make_bundle
 from tests.mockrun import Graph, run_program
 from tests.test_rendered import unwrap
@@ -24,15 +26,15 @@ SECRET_SIG = "4dabf18193072939515e22adb298388d"
 MASTER_STEPS_1_2 = {"wait-for-ssh", "etcd", "etcd-auth", "etcd-backup", "flannel-network-config", "kube-apiserver", "rbac-apiserver-to-kubelet",
                     "kube-controller-manager", "kube-scheduler", "flanneld", "kube-proxy", "addon-coredns",
                     "addon-metrics-server", "cluster-ready", "registry",
-                    "remove-node-worker-1", "remove-node-worker-2"}
-WORKER_STEPS = {"wait-for-ssh", "flanneld", "containerd", "kubelet", "kube-proxy"}
-MASTER_UPLOADS = {"bin-etcd", "bin-etcdctl", "bin-etcdutl", "bin-kube-apiserver", "bin-kubectl", "bin-kube-controller-manager",
-                  "bin-kube-scheduler", "bin-flanneld", "bin-kube-proxy"}
+                    "remove-node-worker-1", "remove-node-worker-2", "unpack-etcd", "unpack-kubernetes"}
+WORKER_STEPS = {"wait-for-ssh", "unpack-node", "flanneld", "containerd", "kubelet", "kube-proxy"}
+# Binaries travel as archives (binaries.node_archives); image archives one by one.
+MASTER_UPLOADS = {"etcd", "kubernetes"}
 IMAGE_UPLOADS = {"images-pause.tar", "images-coredns.tar", "images-metrics-server.tar"}
-# The private registry on the first master (on by default in the lab): its binaries and every image.
-REGISTRY_UPLOADS = {"bin-registry", "bin-crane", *IMAGE_UPLOADS}
-WORKER_UPLOADS = {"bin-flanneld", "bin-containerd", "bin-ctr", "bin-containerd-shim-runc-v2", "bin-runc", "cni-bridge",
-                  "cni-host-local", "cni-loopback", "cni-portmap", "cni-flannel", "bin-kubelet", "bin-kube-proxy"}
+# The private registry on the first master (on by default in the lab): every image (its
+# binaries are in the master's kubernetes archive).
+REGISTRY_UPLOADS = IMAGE_UPLOADS
+WORKER_UPLOADS = {"node"}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,10 @@ def test_per_role_resource_sets_seed_000_master_is_also_a_node(seed000):
         steps = steps_of(seed000, node)
         assert {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
                 "flanneld", "containerd", "kubelet", "kube-proxy"} <= steps
-        assert uploads_of(seed000, node) == MASTER_UPLOADS | WORKER_UPLOADS | (REGISTRY_UPLOADS if node == "master-1" else set())
+        assert uploads_of(seed000, node) == MASTER_UPLOADS | (REGISTRY_UPLOADS if node == "master-1" else set())
+        # one archive besides etcd's: the control plane and the runtime with its kubelet
+        unpack = unwrap(seed000.one(f"{node}-unpack-kubernetes").inputs["create"])
+        assert all(f" bin/{b}\n" in unpack for b in ("kube-apiserver", "kubelet", "containerd", "runc", "flanneld"))
     assert len(seed000.find("kubelab:worker:WorkerNode")) == 3
     # cluster-wide steps run once, on the first master
     assert {"cluster-ready", "addon-coredns", "flannel-network-config"} <= steps_of(seed000, "master-1")
@@ -190,7 +195,8 @@ def test_node_local_order_and_final_readiness(lab):
         assert lab.depends_on(kubelet, lab.one(f"{node}-containerd"))
         assert lab.depends_on(kubelet, lab.one(f"{node}-flanneld"))
         assert lab.depends_on(kubelet, lab.one(f"{node}-wait-for-ssh"))
-        assert lab.depends_on(kubelet, lab.one(f"{node}-upload-bin-kubelet", COPY))
+        assert lab.depends_on(kubelet, lab.one(f"{node}-unpack-node"))
+        assert lab.depends_on(lab.one(f"{node}-unpack-node"), lab.one(f"{node}-upload-node", COPY))
     final = lab.one("master-1-cluster-ready")
     for r in lab.find(CMD):
         if r is not final and not r.name.endswith("wait-for-ssh"):
@@ -287,7 +293,8 @@ def test_a_replaced_machine_reruns_exactly_its_own_steps_and_uploads(module_cach
     on_worker_1 = {name for name in old if name.startswith("worker-1-")}
     assert changed == on_worker_1, sorted(changed ^ on_worker_1)
     assert "worker-1-replaced-uuid" in new["worker-1-kubelet"]["create"]
-    assert new["worker-1-upload-bin-kubelet"]["triggers"] == ["worker-1-replaced-uuid"]
+    assert new["worker-1-upload-node"]["triggers"] == ["worker-1-replaced-uuid"]
+    assert "worker-1-replaced-uuid" in new["worker-1-unpack-node"]["create"]
 
 
 @pytest.mark.parametrize(("setting", "value", "expected", "line"), [
@@ -330,11 +337,12 @@ def test_a_kubernetes_patch_version_changes_its_binaries_uploads_and_installs_on
     old, new = step_inputs(before), step_inputs(after)
     assert old.keys() == new.keys()
     changed = {name for name in old if old[name] != new[name]}
-    uploads = {name for name in old if any(name.endswith(f"-upload-bin-{b}") for b in K8S_BINARIES)}
-    installs = {name for name, i in old.items()
-                if "create" in i and any(f"install_bin bin/{b} " in i["create"] for b in K8S_BINARIES)}
-    assert uploads and installs
-    assert changed == uploads | installs, sorted(changed ^ (uploads | installs))
+    creates = {name: unwrap(i["create"]) for name, i in old.items() if "create" in i}
+    want = diff_contract.patch_updates({f"bin/{b}" for b in K8S_BINARIES}, creates, {name: [] for name in old})
+    assert {"master-1-upload-kubernetes", "master-1-unpack-kubernetes", "worker-1-upload-node", "worker-1-kubelet",
+            "master-1-kube-apiserver"} <= want.keys()
+    assert changed == set(want), sorted(changed ^ set(want))
+    # etcd's own archive, the runtime's and flannel's steps, every config: untouched
     assert not any("etcd" in name or "containerd" in name or "flanneld" in name for name in changed)
 
 
@@ -398,3 +406,29 @@ def test_static_hosts_without_host_key_are_warned_about(config_for):
     assert [m for m in said if "svr002" in m and "ssh-keyscan -t ed25519 192.168.50.12" in m]
     assert [m for m in said if "svr003" in m and "no host_key" in m]
     assert not [m for m in said if "svr001" in m]  # pinned: nothing to say
+
+
+def test_a_binary_no_archive_carries_is_refused_with_the_node_and_step(module_cache, monkeypatch):
+    """node_archives and the steps name the same binaries twice; a drift is a clear error at
+    preview (which node, which step, which file), not a step that fails on the node."""
+    from components import binaries
+
+    real = binaries.node_archives
+
+    def without_kubelet(cfg, node):
+        return {a: tuple(r for r in rels if r != "bin/kubelet") for a, rels in real(cfg, node).items()}
+
+    monkeypatch.setattr(binaries, "node_archives", without_kubelet)
+    with pytest.raises(Exception, match=r"worker-1: step kubelet installs bin/kubelet, which no archive of this node carries"):
+        run_program(base_config(module_cache, "libvirt"))
+
+
+def test_archives_carry_exactly_what_the_node_installs(lab):
+    """No binary travels to a node that does not install it (no kubelet or containerd on a
+    dedicated master, no control plane on a worker)."""
+    for node in ("master-1", "worker-1"):
+        carried = {line.split()[-1] for r in lab.find(CMD) if r.name.startswith(f"{node}-unpack-")
+                   for line in unwrap(r.inputs["create"]).splitlines() if re.fullmatch(r"[0-9a-f]{64}  \S+", line)}
+        installed = {m.group(1) for r in lab.find(CMD) if r.name.startswith(f"{node}-")
+                     for m in re.finditer(r"^install_bin (\S+) [0-9a-f]{64} ", unwrap(r.inputs["create"]), re.M)}
+        assert carried == installed, (node, sorted(carried ^ installed))

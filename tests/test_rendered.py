@@ -353,43 +353,79 @@ def test_a_systemctl_call_that_times_out_on_a_busy_node_is_asked_again(tmp_path)
     ]
 
 
-def test_uploads_arrive_gzipped_and_are_installed_only_after_their_sha256_checks(tmp_path, module_cache):
-    """The real ``install_bin`` under real bash: the ``.gz`` a CopyToRemote delivers (the
-    bundle's own blob) is unpacked, checked against the original's sha256, installed; a re-run
-    is a no-op; a blob whose content does not match fails loudly, installing nothing."""
-    from components.binaries import Bundle, LocalFile, sha256_file
+def without_xz(tmp_path: Path) -> str:
+    """A PATH with every host tool but xz: a node like the lab image, which unpacks with python3."""
+    nox = tmp_path / "no-xz-bin"
+    nox.mkdir()
+    for d in ("/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"):
+        for tool in Path(d).iterdir() if Path(d).is_dir() else ():
+            if tool.name not in ("xz", "unxz", "xzcat") and not (nox / tool.name).exists():
+                (nox / tool.name).symlink_to(tool)
+    return str(nox)
+
+
+@pytest.mark.parametrize("unxz", ["xz", "python3"])
+def test_archives_unpack_on_the_node_and_binaries_install_only_after_their_sha256_checks(tmp_path, module_cache, unxz):
+    """Real bash, real tar, real xz (or python3's lzma where a node has no xz): the archive a
+    CopyToRemote delivers is checked, unpacked and every member checked against the bundle's
+    sha256; ``install_bin`` checks again and installs; re-runs change nothing; a tampered
+    archive or an unexpected checksum fails loudly and installs nothing."""
+    from components.binaries import LocalFile, sha256_file, xz_archive
     from components.render import render
 
-    payload = tmp_path / "kubelet"
-    payload.write_bytes(b"\x7fELF pretend kubelet " * 5000)
-    bundle = Bundle(root=tmp_path, files={"bin/kubelet": LocalFile(payload, sha256_file(payload))})
-    blob = bundle.blob("bin/kubelet")
-    assert blob.name == f"{sha256_file(payload)}.gz" and blob.stat().st_size < payload.stat().st_size / 10
-    assert bundle.blob("bin/kubelet").read_bytes() == blob.read_bytes()  # deterministic, made once
+    members = []
+    for rel in ("bin/kubelet", "bin/kube-proxy"):
+        f = tmp_path / "bundle" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(f"\x7fELF pretend {rel} ".encode() * 5000)
+        members.append((rel, LocalFile(f, sha256_file(f))))
+    archive = xz_archive(members)
+    assert archive.name.endswith(".tar.xz") and archive.stat().st_size < 2 * 5000 * 30 / 20
+    assert xz_archive(list(members)) == archive  # content-addressed, made once
     stage, dest = tmp_path / "stage", tmp_path / "root/usr/local/bin/kubelet"
     (stage / "bin").mkdir(parents=True)
-    shutil.copy(blob, stage / "bin/kubelet.gz")  # what the upload puts on the node
+    shutil.copy(archive, stage / "node.tar.xz")  # what the upload puts on the node
     fake = tmp_path / "fakebin"
     fake.mkdir()
     (fake / "systemctl").write_text("#!/bin/sh\nexit 0\n")
     (fake / "systemctl").chmod(0o755)
+    path = f"{fake}:{os.environ['PATH'] if unxz == 'xz' else without_xz(tmp_path)}"
 
-    def run(sha: str) -> subprocess.CompletedProcess[str]:
-        script = render("scripts/install-service.sh.j2", node="worker-1", machine_id="uuid-1", step="kubelet", units=[],
-                        files=[], secret_files=[], images=[], dirs=[], checks=[],
-                        binaries=[{"name": "bin/kubelet", "sha256": sha, "dest": str(dest)}])
+    def bash(script: str) -> subprocess.CompletedProcess[str]:
         script = script.replace("STAGE=/var/lib/kubelab/stage", f"STAGE={stage}")
         return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, timeout=60,
-                              env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+                              env={**os.environ, "PATH": path, "KUBELAB_SYSTEMD_LOCK": str(tmp_path / "lock")})
 
-    good = sha256_file(payload)
-    assert run(good).returncode == 0 and dest.read_bytes() == payload.read_bytes()
+    def unpack(sha: str) -> subprocess.CompletedProcess[str]:
+        return bash(render("scripts/unpack-archive.sh.j2", node="worker-1", machine_id="uuid-1", step="unpack-node",
+                           units=[], files=[], secret_files=[], images=[], dirs=[], checks=[], binaries=[],
+                           archive="node", sha256=sha, members=[{"name": r, "sha256": f.sha256} for r, f in members]))
+
+    def install(sha: str) -> subprocess.CompletedProcess[str]:
+        return bash(render("scripts/install-service.sh.j2", node="worker-1", machine_id="uuid-1", step="kubelet",
+                           units=[], files=[], secret_files=[], images=[], dirs=[], checks=[],
+                           binaries=[{"name": "bin/kubelet", "sha256": sha, "dest": str(dest)}]))
+
+    assert subprocess.run(["bash", "-c", "command -v xz"], env={"PATH": path}, capture_output=True).returncode == \
+        (0 if unxz == "xz" else 1)
+    first = unpack(sha256_file(archive))
+    assert first.returncode == 0, first.stderr
+    assert "2 files unpacked and checked" in first.stdout
+    for rel, f in members:
+        assert (stage / rel).read_bytes() == f.path.read_bytes()
+    assert "already unpacked" in unpack(sha256_file(archive)).stdout  # a re-run does no work
+    good = members[0][1].sha256
+    assert install(good).returncode == 0 and dest.read_bytes() == members[0][1].path.read_bytes()
     mtime = dest.stat().st_mtime_ns
-    assert run(good).returncode == 0 and dest.stat().st_mtime_ns == mtime  # idempotent
+    assert install(good).returncode == 0 and dest.stat().st_mtime_ns == mtime  # idempotent
     dest.unlink()
+    bad = install("0" * 64)
+    assert bad.returncode != 0 and "sha256 mismatch" in bad.stderr and not dest.exists()
     (stage / "bin/kubelet").unlink()
-    bad = run("0" * 64)
-    assert bad.returncode != 0 and "checksum mismatch for" in bad.stderr and not dest.exists()
+    (stage / "node.tar.xz").write_bytes(archive.read_bytes()[:-100] + b"\0" * 100)
+    tampered = unpack(sha256_file(archive))
+    assert tampered.returncode != 0 and "is not the archive that was uploaded" in tampered.stderr
+    assert not (stage / "bin/kubelet").exists() and not list(stage.glob(".unpack.*"))
 
 
 def test_control_plane_reaches_services_and_metrics_server_tls_is_verified(lab_files):
