@@ -30,7 +30,7 @@ import yaml
 from components.binaries import read_sums
 from components.config import BackupConfig
 from tests import diff_contract
-from tests.pulumi_support import REAL_CACHE, REPO, Project, planned, toolchain_bin
+from tests.pulumi_support import REAL_CACHE, REPO, Project, toolchain_bin
 
 pytestmark = pytest.mark.e2e
 sys.path.insert(0, str(REPO / "lab"))
@@ -83,6 +83,11 @@ def resource_times(evs: list[dict]) -> dict[str, tuple[float, float, str, str]]:
     return out
 
 
+def touched(times: dict[str, tuple[float, float, str, str]]) -> dict[str, str]:
+    """The operation of every resource a run changed (``resource_times``), by name."""
+    return {k: v[2] for k, v in times.items() if v[2] not in ("same", "read")}
+
+
 def slowest(times: dict[str, tuple[float, float, str, str]], t0: float, n: int = 20) -> list[dict]:
     """The ``n`` longest resources of a run, with start/end relative to the run's first event."""
     rows = sorted(times.items(), key=lambda kv: kv[1][1] - kv[1][0], reverse=True)[:n]
@@ -129,8 +134,8 @@ def uploaded_bytes(times: dict, state: dict) -> dict[str, int]:
     paths = {r["urn"].rsplit("::", 1)[1]: r["inputs"]["source"]["path"]
              for r in state["deployment"]["resources"] if r["type"] == "command:remote:CopyToRemote"}
     per: dict[str, int] = {}
-    for name, (_, _, op, typ) in times.items():
-        if typ != "command:remote:CopyToRemote" or op in ("same", "read"):
+    for name in touched(times):
+        if name not in paths:
             continue
         node = name.split("-upload-", 1)[0]
         per[node] = per.get(node, 0) + Path(paths[name]).stat().st_size
@@ -482,7 +487,7 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         # The no-ops run on this host's CPU, which the emulated VMs share: how busy it was.
         t["host_cpu"]["busy_during_noops"] = cpu.busy(wall0, time.time())
         t["noop_up_engine_s"] = run2["engine_s"]
-        changed = sorted(f"{k} ({v[2]})" for k, v in run2["times"].items() if v[2] not in ("same", "read"))
+        changed = sorted(f"{k} ({op})" for k, op in touched(run2["times"]).items())
         t["noop_uploaded_bytes"] = sum(uploaded_bytes(run2["times"], state1).values())
         t.save()
         assert run2["times"], "the no-op up reported no resources: the event log is not being read"
@@ -518,14 +523,14 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
             t["replace_worker_s"] = round(time.monotonic() - t0, 1)
             t.save()
             assert proc.returncode == 0, f"replace failed:\n{proc.stdout[-12000:]}\n{proc.stderr[-4000:]}"
-            touched = sorted(k for k, v in resource_times(events(ev)).items() if v[2] not in ("same", "read"))
-            assert touched and all(k.startswith(f"{victim}") for k in touched), f"replacing {victim} touched {touched}"
-            assert {f"{victim}-kubelet", f"{victim}-upload-node", f"{victim}-unpack-node"} <= set(touched), touched
+            rerun = sorted(touched(resource_times(events(ev))))
+            assert rerun and all(k.startswith(f"{victim}") for k in rerun), f"replacing {victim} touched {rerun}"
+            assert {f"{victim}-kubelet", f"{victim}-upload-node", f"{victim}-unpack-node"} <= set(rerun), rerun
             kubectl_ns = [kubectl_bin, "--kubeconfig", str(kubeconfig)]
             in_ns(*kubectl_ns, "wait", "--for=condition=Ready", f"node/{victim}", "--timeout=600s", timeout=660)
             booted = in_ns("ssh", *SSH_OPTS, "-i", str(prerequisites["key"]), f"kubelab@{nodes_cfg[-1]['address']}",
                            "cat /proc/sys/kernel/random/boot_id; uptime -s").stdout
-            log(f"{victim} replaced in {t['replace_worker_s']} s and Ready again ({len(touched)} resources re-run; boot {booted.split()[0]})")
+            log(f"{victim} replaced in {t['replace_worker_s']} s and Ready again ({len(rerun)} resources re-run; boot {booted.split()[0]})")
             proc = project.run("preview", "--expect-no-changes", check=False, timeout=1200)
             assert proc.returncode == 0, f"preview after the replacement planned changes:\n{proc.stdout[-8000:]}"
 
@@ -551,6 +556,8 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         try:  # a measurement: where a destroy's seconds go
             dev = events(ev)
             t["destroy_slowest"] = slowest(resource_times(dev), first_event(dev), n=12)
+            # the engine's own count, beside the wall clock (CLI start, plugins, state writes)
+            t["destroy_engine_s"] = next((e["summaryEvent"] for e in dev if "summaryEvent" in e), {}).get("durationSeconds")
         except Exception as exc:
             t["destroy_slowest"] = f"not measured: {exc!r}"
         assert leftovers(lab, NAME) == [], f"left behind: {leftovers(lab, NAME)}"
@@ -644,18 +651,8 @@ def verify_scaling(project: Project, raw: dict, nodes_cfg: list[dict], up, in_ns
     kubectl = [kubectl_bin, "--kubeconfig", str(kubeconfig)]
 
     def plan(cluster: dict) -> tuple[dict[str, str], dict[str, str]]:
-        """The planned operations by name (as the diff contract names them), and those of the
-        custom resources alone: the engine's events list only those, and a component can
-        share its name with one (the ``worker-3`` Machine and its ``worker-3`` domain)."""
         project.set_cluster(cluster)
-        preview, proc = project.preview_json(check=False)
-        assert proc.returncode == 0, f"preview failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-        steps = [s for s in planned(preview) if s["op"] not in ("same", "read")]
-        return ({s["name"]: s["op"] for s in steps},
-                {s["name"]: s["op"] for s in steps if not (s["type"] or "").startswith("kubelab:")})
-
-    def touched(times: dict) -> dict[str, str]:
-        return {k: v[2] for k, v in times.items() if v[2] not in ("same", "read")}
+        return diff_contract.planned_ops(project, f"workers.count {cluster.get('workers', {}).get('count')}")
 
     # --- 2 -> 3 -------------------------------------------------------------------------------
     try:
