@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pulumi
 from pulumi_command import remote
 
-from components.binaries import Bundle, LocalFile, gzip_blob, sha256_file, xz_archive
+from components.binaries import Bundle, LocalFile, checked_sha256, gzip_blob, xz_archive
 from components.machine import Machine
 from components.render import render
 
@@ -154,7 +154,7 @@ class HostAccess(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[self.ready], deleted_with=machine.deleted_with),
             )
             self.unpacked[archive] = self.step(f"unpack-{archive}", "scripts/unpack-archive.sh.j2", StepSpec(
-                context={"archive": archive, "sha256": sha256_file(local),
+                context={"archive": archive, "sha256": checked_sha256(local),
                          "members": [{"name": rel, "sha256": f.sha256} for rel, f in members]},
             ), parent=self, depends_on=[upload])
         self._archive_of = {rel: a for a, rels in archives.items() for rel in rels}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pulumi
 
-from components.binaries import Bundle, LocalFile, sha256_file
+from components.binaries import Bundle, LocalFile, checked_sha256
 from components.config import ClusterConfig
 from components.host import Binary, File, HostAccess, SecretFile, StepSpec
 from components.images import read_archive
@@ -33,7 +33,7 @@ def pushes(cfg: ClusterConfig, bundle: Bundle) -> list[dict[str, object]]:
         archive = read_archive(f.path)
         out.append({"name": rel, "local": f, "sha256": f.sha256, "image": archive.image, "layout": archive.layout})
     for p in cfg.registry.preload:
-        local = LocalFile(Path(p.file), sha256_file(Path(p.file)))
+        local = LocalFile(Path(p.file), checked_sha256(Path(p.file)))
         name = f"preload/{local.sha256[:16]}.tar"
         out.append({"name": name, "local": local, "sha256": local.sha256, "image": p.image, "layout": p.layout})
     return out

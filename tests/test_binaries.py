@@ -17,6 +17,12 @@ from tests.conftest import make_bundle
 VERSIONS = load_versions()["node"]
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Checksum memos and downloads of these tests stay out of the developer's cache."""
+    monkeypatch.setenv("KUBELAB_CACHE", str(tmp_path / "cache"))
+
+
 def test_directory_bundle_verifies(tmp_path):
     b = open_directory(make_bundle(tmp_path / "b", VERSIONS), VERSIONS)
     assert b.get("bin/kubelet").path == tmp_path / "b/bin/kubelet"
@@ -123,3 +129,23 @@ def test_download_verifies_against_published_checksums_and_unpacks(tmp_path):
     partial = tmp_path / "cache" / (download_key(VERSIONS) + ".partial")
     assert (partial / "bin/kubelet").read_bytes() == b"kubelet binary"
     assert (partial / "bin/etcd").read_bytes() == b"etcd binary"
+
+
+def test_a_verified_bundle_is_not_hashed_again_but_a_changed_file_is(tmp_path, monkeypatch):
+    """Every preview verifies the bundle; a file whose path, size, mtime and inode are as when
+    it was hashed is taken from the memo (a no-op preview should not hash 780 MiB), and a file
+    changed in place, even to the same size, is hashed again and refused."""
+    import components.binaries as binaries
+
+    root = make_bundle(tmp_path / "b", VERSIONS)
+    open_directory(root, VERSIONS)
+    hashed: list[Path] = []
+    real = binaries.sha256_file
+    monkeypatch.setattr(binaries, "sha256_file", lambda p: hashed.append(p) or real(p))
+    open_directory(root, VERSIONS)
+    assert hashed == []  # all from the memo
+    flannel = root / "cni/flannel"
+    flannel.write_bytes(bytes(b ^ 1 for b in flannel.read_bytes()))  # same size, new content and mtime
+    with pytest.raises(BinaryError, match=r"cni/flannel is corrupt \(sha256 "):
+        open_directory(root, VERSIONS)
+    assert hashed == [flannel]
