@@ -37,10 +37,16 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 
 venv: $(VENV)/.installed
 
-# systemd-analyze (Debian's systemd) verifies rendered units; kubectl comes from the bundle when built;
+# systemd-analyze (Debian's systemd) verifies rendered units; haproxy (Debian's) runs the node-local
+# API load balancer's config on loopback, and is installed without starting its own service (a
+# policy-rc.d that refuses, unless the machine has one); kubectl comes from the bundle when built;
 # actionlint (pinned in versions.toml [checks]) is built once from its Go module into the cache.
 test-deps: venv
 	@command -v systemd-analyze >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
+	@test -x /usr/sbin/haproxy || { policy=/usr/sbin/policy-rc.d; own=; \
+	  if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy; chmod 0755 $$policy; own=1; fi; \
+	  rc=0; { apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy >/dev/null; } || rc=$$?; \
+	  [ -z "$$own" ] || rm -f $$policy; exit $$rc; }
 	@$(PYTHON) tools/toolchain.py actionlint >/dev/null
 
 lint: venv

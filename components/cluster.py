@@ -5,9 +5,10 @@ from __future__ import annotations
 import pulumi
 
 from components.addons import Addons
+from components.apiserver_lb import ApiServerLoadBalancer
 from components.binaries import Bundle, prepare_archives
 from components.config import ClusterConfig
-from components.control_plane import ControlPlane
+from components.control_plane import LOCAL_API, ControlPlane
 from components.host import HostAccess, StepSpec
 from components.network import PodNetwork
 from components.pki import ClusterPki, kubeconfig
@@ -63,20 +64,30 @@ class Cluster(pulumi.ComponentResource):
         # 6. Pod network: flanneld on every node.
         pod_network = PodNetwork("pod-network", cfg, hosts, pki, control_plane, opts=child)
 
-        # 7. Nodes that run workloads: containerd → kubelet → kube-proxy (once the API server
+        # 7. Every node reaches the API at https://127.0.0.1:6443: a master its own API server,
+        #    any other node a node-local load balancer in front of every master (installed
+        #    while the control plane bootstraps).
+        lbs = {n.name: ApiServerLoadBalancer(cfg, hosts[n.name], pki, masters, opts=child)
+               for n in cfg.nodes if n.role != "master"}
+
+        def api_path(node: str) -> list[pulumi.Resource]:
+            """What a node's kubelet and kube-proxy wait for: every API server, and the node's
+            load balancer in front of them if it has one."""
+            return [*control_plane.api_ready, *([lbs[node].step] if node in lbs else [])]
+
+        # 8. Nodes that run workloads: containerd → kubelet → kube-proxy (once the API server
         #    answers; the controllers and scheduler start beside them).
-        api_internal = pulumi.Output.concat("https://", masters[0].private_address, ":6443")
         workers = [
-            WorkerNode(n, cfg, hosts[n.name], pki, api_internal, control_plane.api_ready,
+            WorkerNode(n, cfg, hosts[n.name], pki, LOCAL_API, api_path(n.name),
                        pod_network.flanneld[n.name], registry.url if registry else None, opts=child)
             for n in cfg.workload_nodes
         ]
 
-        # 8. Masters that run no pods still run kube-proxy: the API server and the host reach
+        # 8b. Masters that run no pods still run kube-proxy: the API server and the host reach
         #    Services (webhooks, aggregated APIs) like every other node.
         proxies = [
-            ServiceProxy(cfg, hosts[n.name], pki, api_internal,
-                         [*control_plane.api_ready, pod_network.flanneld[n.name]], opts=child)
+            ServiceProxy(cfg, hosts[n.name], pki, LOCAL_API,
+                         [*api_path(n.name), pod_network.flanneld[n.name]], opts=child)
             for n in cfg.master_nodes if not n.runs_workloads
         ]
 

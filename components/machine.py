@@ -36,6 +36,10 @@ class Machine:
     # A cloud metadata service on the host's network that serves the machine's user_data
     # (DigitalOcean: 169.254.169.254); pods are kept from reaching it.
     metadata_address: str | None = None
+    # Whether a step may install a missing OS package (haproxy) with the host's package manager:
+    # machines kubelab creates on a cloud with package mirrors. Elsewhere (the offline lab image
+    # has what it needs; existing hosts are the user's) a missing package is a checked precondition.
+    installs_packages: bool = False
     depends_on: list[pulumi.Resource] = field(default_factory=list)  # e.g. the VM
     # The resource whose deletion takes the whole machine with it (the VM, the droplet). A
     # step's delete (a node's drain, cluster-ready's destroy mark) is skipped when it goes in

@@ -96,6 +96,11 @@ class ClusterPki(pulumi.ComponentResource):
         self.scheduler = self._leaf("kube-scheduler", self.ca, "system:kube-scheduler", None, CLIENT)
         self.admin = self._leaf("admin", self.ca, "admin", "system:masters", CLIENT)
         self.kube_proxy = self._leaf("kube-proxy", self.ca, "system:kube-proxy", "system:node-proxier", CLIENT)
+        # The node-local API load balancers' health checks (GET /readyz: any authenticated user
+        # may, through system:public-info-viewer); only nodes that run no API server have one.
+        self.apiserver_lb_healthcheck = (
+            self._leaf("apiserver-lb-healthcheck", self.ca, "kubelab:apiserver-lb-healthcheck", None, CLIENT)
+            if any(n.role != "master" for n in cfg.nodes) else None)
         self.front_proxy_client = self._leaf("front-proxy-client", self.front_proxy_ca, "front-proxy-client", None, CLIENT)
         # metrics-server's serving certificate: the APIService trusts the cluster CA (no
         # insecureSkipTLSVerify), the API server dials it by its Service name.

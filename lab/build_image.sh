@@ -10,7 +10,8 @@
 #
 # Contents: mmdebstrap minbase + kernel, grub (BIOS), systemd, cloud-init (NoCloud only),
 # openssh-server, networkd/resolved and the few tools kubeadm-style installs expect
-# (conntrack, socat, iptables). NO containerd/runc/kubernetes: kubelab uploads those.
+# (conntrack, socat, iptables), and haproxy for the node-local API load balancer.
+# NO containerd/runc/kubernetes: kubelab uploads those.
 # Host packages: tools/apt-lab.txt. Must run as root (loop devices, mounts, chroot).
 set -euo pipefail
 
@@ -21,7 +22,7 @@ DISK_SIZE=4G # virtual size; the root fs grows to the volume size on first boot
 PACKAGES=(
   linux-image-amd64 grub-pc systemd-sysv dbus udev kmod openssh-server cloud-init
   cloud-guest-utils fdisk sudo systemd-resolved iproute2 ca-certificates e2fsprogs
-  qemu-guest-agent conntrack socat iptables procps curl
+  qemu-guest-agent conntrack socat iptables procps curl haproxy
 )
 
 SCRIPT="$(readlink -f "${BASH_SOURCE[0]}")"
@@ -118,6 +119,9 @@ echo "Ciphers chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr" >"$MNT/etc/ss
 
 # Networking: cloud-init renders networkd config; resolved provides DNS.
 chroot "$MNT" systemctl enable systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
+# haproxy is there for kubelab's node-local API load balancer (its own unit); the package's
+# idle default service stays off.
+chroot "$MNT" systemctl disable haproxy.service >/dev/null 2>&1
 # Kubernetes prerequisites.
 printf 'overlay\nbr_netfilter\n' >"$MNT/etc/modules-load.d/kubernetes.conf"
 cat >"$MNT/etc/sysctl.d/90-kubernetes.conf" <<'EOF'

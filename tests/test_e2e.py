@@ -728,8 +728,20 @@ def verify_cluster(in_ns, kubeconfig: Path, kubectl_bin: str, nodes_cfg: list[di
         assert cond["Ready"] == "True", n["metadata"]["name"]
     log("nodes Ready: " + ", ".join(workload))
 
-    # --- a pod on each worker, its image only in the private registry ----------------------
+    # --- every node that is not a master reaches the API through its own load balancer ------
     key = str(pre["key"])
+    for n in nodes_cfg:
+        if n["role"] != "master":
+            script = ("set -e; systemctl is-active kubelab-apiserver-lb; "
+                      "sudo grep -h '^ *server:' /var/lib/kubelet/kubeconfig /var/lib/kube-proxy/kubeconfig; "
+                      "sudo curl -sS --cacert /etc/kubelab/apiserver-lb/ca.crt --cert /etc/kubelab/apiserver-lb/healthcheck.pem "
+                      "https://127.0.0.1:6443/readyz; echo")
+            out = in_ns("ssh", *SSH_OPTS, "-i", key, f"kubelab@{n['address']}", script).stdout.split()
+            assert out == ["active", "server:", "https://127.0.0.1:6443", "server:", "https://127.0.0.1:6443", "ok"], \
+                f"{n['name']}: {out}"
+    log("every worker's kubelet and kube-proxy go through its node-local load balancer")
+
+    # --- a pod on each worker, its image only in the private registry ----------------------
     for n in nodes_cfg:
         if n["runs_workloads"]:
             listed = in_ns("ssh", *SSH_OPTS, "-i", key, f"kubelab@{n['address']}",

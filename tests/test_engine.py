@@ -50,17 +50,20 @@ def test_libvirt_preview_against_real_libvirtd(tmp_path, lab_daemons):
     assert types["libvirt:index/volume:Volume"] == 4
     assert types["libvirt:index/cloudInitDisk:CloudInitDisk"] == 3
     assert types["libvirt:index/network:Network"] == 1
-    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 20  # metrics-server, etcd backup client, registry
+    # metrics-server, etcd backup client, registry, the node-local API load balancers' health check
+    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 21
     # 25 install steps (etcd-backup, registry) + a remove-node step per worker + an unpack step
-    # per node archive (etcd and kubernetes on the master, node on each worker)
-    assert types["command:remote:Command"] == 27 + 2 + 1 + 1
+    # per node archive (etcd and kubernetes on the master, node on each worker) + an
+    # apiserver-lb step per worker
+    assert types["command:remote:Command"] == 27 + 2 + 1 + 1 + 2
     # the node archives, and the three images the master's registry is seeded with (workers pull)
     assert types["command:remote:CopyToRemote"] == (2 + 3) + 1 + 1
     names = {s["name"] for s in steps}
     for node in ("master-1", "worker-1", "worker-2"):
         assert f"{node}-wait-for-ssh" in names
     assert {"worker-1-kubelet", "worker-2-kubelet", "master-1-kube-apiserver", "master-1-cluster-ready",
-            "master-1-unpack-etcd", "master-1-unpack-kubernetes", "worker-1-unpack-node"} <= names
+            "master-1-unpack-etcd", "master-1-unpack-kubernetes", "worker-1-unpack-node",
+            "worker-1-apiserver-lb", "worker-2-apiserver-lb"} <= names
     assert "kubeconfig" in str(preview.get("outputs", preview))  # planned export
 
 
@@ -75,7 +78,7 @@ def test_digitalocean_preview_with_dummy_token_offline(tmp_path):
     assert types["digitalocean:index/firewall:Firewall"] == 1
     assert types["digitalocean:index/tag:Tag"] == 3
     assert types["digitalocean:index/project:Project"] == 1
-    assert types["command:remote:Command"] == 32  # as libvirt, plus a metadata-block step per worker
+    assert types["command:remote:Command"] == 32 + 2  # as libvirt, plus a metadata-block step per worker
 
 
 def test_static_hosts_preview_offline(tmp_path):
@@ -88,8 +91,9 @@ def test_static_hosts_preview_offline(tmp_path):
     assert "static.hosts[svr002]: no host_key" in proc.stdout + proc.stderr  # trust on first use is said out loud
     types = count_by_type(steps)
     assert not [t for t in types if t.startswith(("libvirt:", "digitalocean:"))], types
-    assert types["command:remote:Command"] == 26 + 4  # with an unpack step per node archive
-    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 19  # with metrics-server serving, etcd backup client
+    assert types["command:remote:Command"] == 26 + 4 + 2  # with an unpack step per node archive, an apiserver-lb per worker
+    # with metrics-server serving, etcd backup client, the load balancers' health check
+    assert types["tls:index/locallySignedCert:LocallySignedCert"] == 20
     names = {s["name"] for s in steps}
     assert {"svr001-wait-for-ssh", "svr001-etcd", "svr002-kubelet", "svr003-kubelet", "svr001-cluster-ready"} <= names
 

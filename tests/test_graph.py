@@ -27,7 +27,7 @@ MASTER_STEPS_1_2 = {"wait-for-ssh", "etcd", "etcd-auth", "etcd-backup", "flannel
                     "kube-controller-manager", "kube-scheduler", "flanneld", "kube-proxy", "addon-coredns",
                     "addon-metrics-server", "cluster-ready", "registry",
                     "remove-node-worker-1", "remove-node-worker-2", "unpack-etcd", "unpack-kubernetes"}
-WORKER_STEPS = {"wait-for-ssh", "unpack-node", "flanneld", "containerd", "kubelet", "kube-proxy"}
+WORKER_STEPS = {"wait-for-ssh", "unpack-node", "apiserver-lb", "flanneld", "containerd", "kubelet", "kube-proxy"}
 # Binaries travel as archives (binaries.node_archives); image archives one by one.
 MASTER_UPLOADS = {"etcd", "kubernetes"}
 IMAGE_UPLOADS = {"images-pause.tar", "images-coredns.tar", "images-metrics-server.tar"}
@@ -46,6 +46,14 @@ def lab(module_cache) -> Graph:
 def seed000(module_cache) -> Graph:
     raw = base_config(module_cache, "libvirt")
     raw.update(masters={"count": 3}, workers={"count": 0}, masters_run_workloads=True)
+    return run_program(raw)
+
+
+@pytest.fixture(scope="module")
+def ha(module_cache) -> Graph:
+    """Issue 12's HA control plane: three masters that run no pods, one worker."""
+    raw = base_config(module_cache, "libvirt")
+    raw.update(masters={"count": 3}, workers={"count": 1})
     return run_program(raw)
 
 
@@ -187,6 +195,27 @@ def test_node_services_wait_for_the_api_server_and_containerd_for_nothing_on_wor
     for flanneld in [r for r in g.find(CMD) if r.name.endswith("-flanneld")]:
         assert g.depends_on(flanneld, flannel_cfg), flanneld.name
         assert not any(g.depends_on(flanneld, a) for a in apiservers), flanneld.name
+
+
+@pytest.mark.parametrize("graph", ["lab", "ha"])
+def test_nodes_reach_the_api_through_their_own_load_balancer(request, graph):
+    """Every node that is not a master has a node-local load balancer in front of every API
+    server; its kubelet and kube-proxy wait for it. It needs nothing from the control plane
+    (it installs while the masters bootstrap), and masters have none."""
+    g: Graph = request.getfixturevalue(graph)
+    lbs = {r.name.removesuffix("-apiserver-lb"): r for r in g.find(CMD) if r.name.endswith("-apiserver-lb")}
+    nodes = {r.name.removesuffix("-wait-for-ssh") for r in g.find(CMD) if r.name.endswith("-wait-for-ssh")}
+    assert set(lbs) == {n for n in nodes if not n.startswith("master-")} and lbs
+    assert {r.urn for r in lbs.values()} == {r.urn for r in g.find(CMD, parent_type="kubelab:node:ApiServerLoadBalancer")}
+    apiservers = [r for r in g.find(CMD) if r.name.endswith("-kube-apiserver")]
+    for node, lb in lbs.items():
+        assert not any(g.depends_on(lb, a) for a in apiservers), node
+        for step in ("kubelet", "kube-proxy"):
+            assert g.depends_on(g.one(f"{node}-{step}"), lb), f"{node}-{step}"
+        config = re.search(r"^put \d+ /etc/kubelab/apiserver-lb/haproxy.cfg <<'KUBELAB_EOF'\n(.*?)^KUBELAB_EOF$",
+                           unwrap(lb.inputs["create"]), re.M | re.S).group(1)
+        servers = re.findall(r"^  server (\S+) (\S+)$", config, re.M)
+        assert servers == [(f"master-{i}", f"10.240.0.{10 + i}:6443") for i in range(1, len(apiservers) + 1)], node
 
 
 def test_node_local_order_and_final_readiness(lab):

@@ -71,7 +71,8 @@ def test_each_node_gets_its_units(lab_files):
                                  "kube-controller-manager.service", "kube-proxy.service", "kube-scheduler.service",
                                  "kubelab-registry.service"]
     for w in ("worker-1", "worker-2"):
-        assert units[w] == ["containerd.service", "flanneld.service", "kube-proxy.service", "kubelet.service"]
+        assert units[w] == ["containerd.service", "flanneld.service", "kube-proxy.service", "kubelab-apiserver-lb.service",
+                            "kubelet.service"]
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +272,9 @@ def test_kubeconfigs_load_in_real_kubectl(lab_files, tmp_path):
                 cfg = json.loads(proc.stdout)
                 assert cfg["users"][0]["user"]["client-key-data"]
                 assert cfg["clusters"][0]["cluster"]["server"].startswith("https://")
+                if Path(path).parent.name in ("kubelet", "kube-proxy"):
+                    # a master's own API server, or the node's load balancer in front of all of them
+                    assert cfg["clusters"][0]["cluster"]["server"] == "https://127.0.0.1:6443", f"{node}:{path}"
                 checked += 1
     assert checked >= 6
 

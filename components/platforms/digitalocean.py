@@ -113,6 +113,7 @@ class DigitalOceanCluster(pulumi.ComponentResource):
             host_key=host_key,
             identity=droplet.id,
             metadata_address=METADATA_ADDRESS,
+            installs_packages=True,
             depends_on=[droplet],
             deleted_with=droplet,
         )
