@@ -8,7 +8,9 @@ a second ``up`` changes and uploads nothing → no plaintext key in ``stack expo
 ``destroy`` leaves no domain, volume or network. Every run writes ``.e2e/timings.json``.
 
 ``KUBELAB_E2E_TOPOLOGY=seed000`` runs seed 000's topology instead (a master that is also a
-node, and two more nodes), ``seed000-ha`` three masters that all run pods (``apply_topology``). Everything that crosses a network runs inside the lab's network namespace.
+node, and two more nodes), ``seed000-ha`` three masters that all run pods, ``ha`` three masters
+and a worker, one master stopped and started again (``apply_topology``). Everything that crosses a
+network runs inside the lab's network namespace.
 """
 
 from __future__ import annotations
@@ -312,6 +314,8 @@ def apply_topology(raw: dict, topology: str) -> dict:
       Minion2 ... the master is also a minion", flannel's config under ``/coreos.com/network``.
       (Seed 000 ran etcd on all three hosts for fleet; kubelab runs etcd on its masters.)
     - ``1+4``: four workers, to compare bring-up with 1+2 (the speed issue's scaling goal).
+    - ``ha``: three masters and one worker (the lifecycle issue's HA control plane): one master
+      is stopped and started again while the cluster keeps serving (``verify_master_outage``).
     - ``seed000-ha``: every host a master that also runs pods, so etcd is on all three as in
       seed 000, with an apiserver on each too. Under TCG on 2 host cores this is more than the
       machine gives (measured: etcd slower than its clients' deadlines, a master unreachable).
@@ -326,8 +330,11 @@ def apply_topology(raw: dict, topology: str) -> dict:
         raw.setdefault("network", {})["etcd_prefix"] = "/coreos.com/network"
     elif topology == "1+4":
         raw["workers"] = {**raw.get("workers", {}), "count": 4}
+    elif topology == "ha":
+        raw["masters"] = {**raw.get("masters", {}), "count": 3, "memory_mib": 2048, "cpus": 1}
+        raw["workers"] = {**raw.get("workers", {}), "count": 1}
     elif topology != "1+2":
-        raise ValueError(f"KUBELAB_E2E_TOPOLOGY={topology!r}: choose 1+2, 1+4, seed000 or seed000-ha")
+        raise ValueError(f"KUBELAB_E2E_TOPOLOGY={topology!r}: choose 1+2, 1+4, ha, seed000 or seed000-ha")
     return raw
 
 
@@ -452,6 +459,8 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         api = outputs["apiserverUrl"]
 
         verify_cluster(in_ns, kubeconfig, kubectl_bin, nodes_cfg, api, prerequisites, tmp_path, raw["network"]["service_cidr"])
+        if TOPOLOGY == "ha":
+            verify_master_outage(in_ns, kubeconfig, kubectl_bin, nodes_cfg, prerequisites["key"], t)
         verify_registry(in_ns, kubeconfig, outputs["registryUrl"], nodes_cfg, tmp_path)
         verify_dashboard(in_ns, kubeconfig, kubectl_bin)
         verify_security(in_ns, kubeconfig, kubectl_bin, nodes_cfg[0]["address"], prerequisites["key"], raw["network"]["etcd_prefix"])
@@ -613,6 +622,78 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
 
 
 SPREAD = "spread"  # the scaling phase's Deployment: one replica per worker while there are three
+
+
+def verify_master_outage(in_ns, kubeconfig: Path, kubectl_bin: str, nodes_cfg: list[dict], key: Path, t: Timings) -> None:
+    """One master's VM stopped hard (``virsh destroy``): the cluster keeps serving (kubectl
+    works, a Deployment scales, its new pod starts, the worker stays Ready behind its load
+    balancer, etcd keeps quorum with two of three); started again, etcd has three healthy
+    members and the load balancers take the master back. The stopped master is the last one:
+    the exported ``apiserverUrl`` is the first master's (README, What runs where)."""
+    masters = [n for n in nodes_cfg if n["role"] == "master"]
+    victim, first = masters[-1], masters[0]
+    workers = [n for n in nodes_cfg if n["role"] != "master"]
+    kubectl = [kubectl_bin, "--kubeconfig", str(kubeconfig)]
+    virsh = ["virsh", "-c", "qemu:///system"]
+    endpoints = ",".join(f"https://{m['address']}:2379" for m in masters)
+    etcd_health = ("sudo /usr/local/bin/etcdctl --endpoints=" + endpoints + " --cacert=/etc/etcd/pki/ca.crt "
+                   "--cert=/etc/etcd/pki/healthcheck-client.crt --key=/etc/etcd/pki/healthcheck-client.key "
+                   "--command-timeout=10s endpoint health -w json")
+
+    def ssh(node: dict, cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return in_ns("ssh", *SSH_OPTS, "-i", str(key), f"kubelab@{node['address']}", cmd, check=check, timeout=180)
+
+    def healthy() -> list[str]:
+        out = ssh(first, etcd_health, check=False).stdout
+        try:
+            return sorted(e["endpoint"] for e in json.loads(out) if e.get("health"))
+        except ValueError:
+            return []
+
+    def lb_state(w: dict) -> str:
+        """What the worker's load balancer last said of the victim (UP, DOWN, or "" if nothing)."""
+        log_ = ssh(w, "sudo journalctl -u kubelab-apiserver-lb --no-pager -o cat", check=False).stdout
+        said = re.findall(rf"Server kube-apiserver/{victim['name']} is (UP|DOWN)", log_)
+        return said[-1] if said else ""
+
+    def until(what: str, pred, timeout: float = 900) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if pred():
+                return round(time.monotonic() - t0, 1)
+            time.sleep(5)
+        raise AssertionError(f"{what}: not so after {timeout} s")
+
+    out: dict[str, object] = {"stopped": victim["name"]}
+    in_ns(*virsh, "destroy", f"{NAME}-{victim['name']}")
+    log(f"master outage: {victim['name']} stopped (virsh destroy)")
+    t0 = time.monotonic()
+    in_ns(*kubectl, "create", "deployment", "outage", "--image=kubelab.local/netcheck:e2e", "--replicas=1")
+    in_ns(*kubectl, "rollout", "status", "deployment/outage", "--timeout=900s", timeout=960)
+    in_ns(*kubectl, "scale", "deployment/outage", "--replicas=2")
+    in_ns(*kubectl, "rollout", "status", "deployment/outage", "--timeout=900s", timeout=960)
+    out["deployment_scaled_s"] = round(time.monotonic() - t0, 1)
+    for w in workers:
+        in_ns(*kubectl, "wait", "--for=condition=Ready", f"node/{w['name']}", "--timeout=300s", timeout=360)
+        out[f"{w['name']}_marked_down_s"] = until(
+            f"{w['name']}'s load balancer marks {victim['name']} down",
+            lambda w=w: lb_state(w) == "DOWN", timeout=120)
+    alive = sorted(f"https://{m['address']}:2379" for m in masters if m is not victim)
+    assert healthy() == alive, f"etcd with {victim['name']} stopped: healthy {healthy()}, expected {alive}"
+    log(f"master outage: the cluster kept serving (deployment scaled in {out['deployment_scaled_s']} s, etcd {len(alive)}/3)")
+
+    in_ns(*virsh, "start", f"{NAME}-{victim['name']}")
+    t0 = time.monotonic()
+    want = sorted(f"https://{m['address']}:2379" for m in masters)
+    out["etcd_three_healthy_s"] = until("etcd has three healthy members again", lambda: healthy() == want)
+    for w in workers:
+        until(f"{w['name']}'s load balancer takes {victim['name']} back",
+              lambda w=w: lb_state(w) == "UP")
+    out["back_s"] = round(time.monotonic() - t0, 1)
+    in_ns(*kubectl, "delete", "deployment", "outage", "--wait=true", "--timeout=300s", timeout=360)
+    t["master_outage"] = out
+    t.save()
+    log(f"master outage: {victim['name']} back, etcd 3/3 healthy after {out['etcd_three_healthy_s']} s")
 
 
 def spread_deployment(replicas: int) -> str:
