@@ -42,6 +42,10 @@ TOPOLOGY = os.environ.get("KUBELAB_E2E_TOPOLOGY", "1+2")
 # The recreate loop (a second `up` of the destroyed stack) doubles the run; CI's 90-minute
 # budget on a busy 2-core machine leaves it to `make e2e` (KUBELAB_E2E_RECREATE=0 in .ci/run).
 RECREATE = os.environ.get("KUBELAB_E2E_RECREATE", "1") != "0"
+# The machine stages (one worker's VM replaced, workers 2 -> 3 -> 2): about 25 minutes under TCG
+# here, measured 2026-12 when `pulumi up` alone took 22 minutes on a loaded host; CI's 90 minutes
+# leave them to `make e2e` (KUBELAB_E2E_MACHINES=0 in .ci/run), which runs them.
+MACHINES = os.environ.get("KUBELAB_E2E_MACHINES", "1") != "0"
 NAME = "kubelab-e2e"
 NODE_CIDR = "10.241.0.0/24"
 TIMINGS = REPO / ".e2e" / ("timings.json" if TOPOLOGY == "1+2" else f"timings-{TOPOLOGY}.json")
@@ -521,7 +525,10 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         assert proc.returncode == 0, f"the stack config was not put back:\n{proc.stdout[-6000:]}"
 
         # --- a replaced machine comes back with all of its steps, and only its own -----------
-        if TOPOLOGY == "1+2":
+        if TOPOLOGY == "1+2" and not MACHINES:
+            t["replace_worker_s"] = t["scale_up_s"] = "not run: KUBELAB_E2E_MACHINES=0 (CI's time budget; `make e2e` runs it)"
+            log("!!! machine stages NOT run (KUBELAB_E2E_MACHINES=0): worker replacement, scaling 2 -> 3 -> 2; `make e2e` runs them")
+        if TOPOLOGY == "1+2" and MACHINES:
             victim = nodes_cfg[-1]["name"]
             urn = next(r["urn"] for r in json.loads(project.run("stack", "export", "--stack", "e2e").stdout)["deployment"]["resources"]
                        if r["type"] == "libvirt:index/volume:Volume" and r["urn"].endswith(f"::{victim}-root"))
@@ -544,7 +551,7 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
             assert proc.returncode == 0, f"preview after the replacement planned changes:\n{proc.stdout[-8000:]}"
 
         # --- scaling workers: 2 -> 3 creates only the new node's resources, 3 -> 2 drains it -----
-        if TOPOLOGY == "1+2":
+        if TOPOLOGY == "1+2" and MACHINES:
             verify_scaling(project, raw, nodes_cfg, up, in_ns, kubeconfig, kubectl_bin, lab, t)
 
         # --- etcd: a snapshot through the timer's service, then a restore that brings data back -
