@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import pulumi
 
-from components.config import ClusterConfig
 from components.host import Check, File, HostAccess, SecretFile, StepSpec
 from components.machine import Machine
 from components.pki import ClusterPki
@@ -35,7 +34,7 @@ class ApiServerLoadBalancer(pulumi.ComponentResource):
     depend on it.
     """
 
-    def __init__(self, cfg: ClusterConfig, host: HostAccess, pki: ClusterPki, masters: Sequence[Machine],
+    def __init__(self, host: HostAccess, pki: ClusterPki, masters: Sequence[Machine],
                  opts: pulumi.ResourceOptions | None = None):
         super().__init__("kubelab:node:ApiServerLoadBalancer", host.machine.name, None, opts)
         assert pki.apiserver_lb_healthcheck is not None

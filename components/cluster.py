@@ -67,7 +67,7 @@ class Cluster(pulumi.ComponentResource):
         # 7. Every node reaches the API at https://127.0.0.1:6443: a master its own API server,
         #    any other node a node-local load balancer in front of every master (installed
         #    while the control plane bootstraps).
-        lbs = {n.name: ApiServerLoadBalancer(cfg, hosts[n.name], pki, masters, opts=child)
+        lbs = {n.name: ApiServerLoadBalancer(hosts[n.name], pki, masters, opts=child)
                for n in cfg.nodes if n.role != "master"}
 
         def api_path(node: str) -> list[pulumi.Resource]:
