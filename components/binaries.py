@@ -31,8 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import zstandard
-
 from components.config import BinariesConfig, ClusterConfig, NodeSpec
 from components.versions import bundle_key, cache_root, load_versions
 
@@ -139,6 +137,8 @@ def node_archive(members: Sequence[tuple[str, LocalFile]]) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    import zstandard  # here, not at the top: tools/ run this module with the stdlib alone
+
     params = zstandard.ZstdCompressionParameters.from_level(
         ARCHIVE_LEVEL, window_log=ARCHIVE_WINDOW_LOG, enable_ldm=True, write_checksum=True)
     with tmp.open("wb") as raw, \
