@@ -8,15 +8,15 @@ from components.addons import Addons
 from components.apiserver_lb import ApiServerLoadBalancer
 from components.binaries import Bundle, prepare_archives
 from components.config import ClusterConfig
-from components.control_plane import LOCAL_API, ControlPlane
+from components.control_plane import DESTROYING_MARK, LOCAL_API, ControlPlane
 from components.host import HostAccess, StepSpec
 from components.network import PodNetwork
 from components.pki import ClusterPki, kubeconfig
 from components.platforms import platform
 from components.registry import Registry
+from components.transitions import Deployed
 from components.worker import ServiceProxy, WorkerNode
 
-DESTROYING_MARK = "/var/lib/kubelab/cluster-destroying"
 DRAIN_TIMEOUT = "300s"
 
 
@@ -27,7 +27,8 @@ class Cluster(pulumi.ComponentResource):
     address, private address, host key), ``registry_url`` (the private registry, or "").
     """
 
-    def __init__(self, name: str, cfg: ClusterConfig, bundle: Bundle, opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, cfg: ClusterConfig, bundle: Bundle, before: Deployed | None = None,
+                 opts: pulumi.ResourceOptions | None = None):
         super().__init__("kubelab:index:Cluster", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
 
@@ -39,8 +40,7 @@ class Cluster(pulumi.ComponentResource):
         # 2. PKI, held in state.
         pki = ClusterPki(
             "pki", cfg,
-            master_addresses=[m.private_address for m in masters],
-            public_endpoints=[fleet.api_endpoint, *[m.host for m in masters]],
+            public_endpoints=[fleet.api_endpoint],
             node_addresses={m.name: [m.private_address, m.host] for m in fleet.machines},
             opts=child,
         )
@@ -51,8 +51,9 @@ class Cluster(pulumi.ComponentResource):
         hosts = {m.name: HostAccess(m, bundle, archives[m.name], opts=child) for m in fleet.machines}
         first = hosts[masters[0].name]
 
-        # 4. Control plane: etcd → kube-apiserver → controller-manager, scheduler.
-        control_plane = ControlPlane("control-plane", cfg, hosts, pki, opts=child)
+        # 4. Control plane: etcd → kube-apiserver → controller-manager, scheduler. ``before``
+        #    (what the stack runs now) says which etcd members are running and which one joins.
+        control_plane = ControlPlane("control-plane", cfg, hosts, pki, before, opts=child)
 
         # 5. The private registry on the first master, seeded with every image the cluster
         #    runs. It needs nothing from the control plane, so it is seeded while etcd and the
@@ -129,5 +130,7 @@ class Cluster(pulumi.ComponentResource):
         ])
         # registryUrl: where nodes pull from (the first master's private address), or "" when off.
         self.registry_url = registry.url if registry else pulumi.Output.from_input("")
+        # etcdMembers: how each member first started; the next update keeps a running member's unit.
+        self.etcd_members = control_plane.etcd_members
         self.register_outputs({"apiserver_url": self.apiserver_url, "kubeconfig": self.kubeconfig, "nodes": self.nodes,
-                               "registry_url": self.registry_url})
+                               "registry_url": self.registry_url, "etcd_members": self.etcd_members})

@@ -545,11 +545,6 @@ def parse_cluster_config(raw: dict[str, Any] | None, stack: str = "dev") -> Clus
     n_masters = sum(1 for n in nodes if n.role == "master")
     if n_masters == 0:
         problems.append("masters.count: a cluster needs at least one master; set masters.count: 1 (or 3 for HA etcd)")
-    elif n_masters % 2 == 0:
-        problems.append(
-            f"masters.count: {n_masters} masters means an even number of etcd members, which tolerates no more "
-            f"failures than {n_masters - 1}; use an odd number (1, 3 or 5)"
-        )
     if nodes and not any(n.runs_workloads for n in nodes):
         problems.append("workers.count: no node runs workloads; add workers or set masters_run_workloads: true")
 

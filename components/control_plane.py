@@ -8,54 +8,107 @@ from components.config import ClusterConfig
 from components.host import Binary, Check, File, HostAccess, SecretFile, StepSpec
 from components.pki import BACKUP_ETCD_USER, ClusterPki, kubeconfig
 from components.render import render
+from components.transitions import Deployed, EtcdMember
 
 LOCAL_API = "https://127.0.0.1:6443"
+
+
+DESTROYING_MARK = "/var/lib/kubelab/cluster-destroying"
 
 
 def https_urls(addresses: list[pulumi.Input[str]], port: int) -> pulumi.Output[str]:
     return pulumi.Output.all(*addresses).apply(lambda xs: ",".join(f"https://{a}:{port}" for a in xs))
 
 
+def peer_list(names: list[str], addresses: list[pulumi.Input[str]]) -> pulumi.Output[str]:
+    """etcd's ``--initial-cluster``: name=https://address:2380,..."""
+    return pulumi.Output.all(*addresses).apply(
+        lambda xs: ",".join(f"{n}=https://{a}:2380" for n, a in zip(names, xs, strict=True)))
+
+
 class ControlPlane(pulumi.ComponentResource):
     """etcd members, API servers, controller-managers and schedulers on every master.
 
     ``ready`` lists the resources that together mean "the control plane answers and is
-    configured": every worker step depends on it.
+    configured": every worker step depends on it. ``etcd_members`` is how each member was
+    first started (exported, so the next update renders a running member's unit unchanged).
+
+    Members: on a new cluster every master founds etcd (``initial-cluster-state: new``). A
+    master added later (``before`` lists the members running now) joins as a learner
+    (``member add --learner`` from its own etcd step, against the running members), catches
+    up, is promoted, and only then counts for quorum. Every master after the first has an
+    ``etcd-member-<name>`` step on the first master: it checks that member votes, and on
+    delete (the master removed from the stack) runs ``member remove`` before its machine goes.
     """
 
     def __init__(self, name: str, cfg: ClusterConfig, hosts: dict[str, HostAccess], pki: ClusterPki,
-                 opts: pulumi.ResourceOptions | None = None):
+                 before: Deployed | None = None, opts: pulumi.ResourceOptions | None = None):
         super().__init__("kubelab:control:ControlPlane", name, None, opts)
         masters = [hosts[n.name] for n in cfg.master_nodes]
         first = masters[0]
         addresses = [m.machine.private_address for m in masters]
         self.etcd_servers = https_urls(addresses, 2379)
-        initial_cluster = pulumi.Output.all(*addresses).apply(
-            lambda xs: ",".join(f"{m.machine.name}=https://{a}:2380" for m, a in zip(masters, xs, strict=True)))
+        initial_cluster = peer_list([m.machine.name for m in masters], addresses)
         net = cfg.network
         token = f"{cfg.name}-etcd"  # the etcd cluster token, also what a restore re-creates
+        recorded = (before.etcd_members if before else None) or {}
+        running = [m for m in masters if m.machine.name in recorded]
 
-        # 1. etcd on every master (members start in parallel and wait for quorum).
-        self.etcd = {}
-        for m in masters:
+        # 1. etcd on every master (founding members start in parallel and wait for quorum; a
+        #    member that joins a running cluster does so after the running ones are healthy).
+        self.etcd: dict[str, pulumi.Resource] = {}
+        members: dict[str, pulumi.Output[EtcdMember]] = {}
+        joined: list[HostAccess] = []  # members that join in this update, in order
+        for i, m in enumerate(masters):
             n = m.machine.name
-            unit = pulumi.Output.all(m.machine.private_address, initial_cluster).apply(lambda v, n=n: render(
-                "systemd/etcd.service.j2", name=n, address=v[0], initial_cluster=v[1],
-                cluster_token=token, heartbeat_ms=cfg.etcd.heartbeat_interval_ms,
+            if n in recorded:
+                member = pulumi.Output.from_input(recorded[n])
+                state = recorded[n].state
+            elif not recorded:
+                member = initial_cluster.apply(lambda ic: EtcdMember(initial_cluster=ic, state="new"))
+                state = "new"
+            else:
+                # Joins after every member before it: one learner at a time.
+                before_it = [*running, *joined]
+                member = peer_list([r.machine.name for r in before_it] + [n],
+                                   [r.machine.private_address for r in before_it] + [m.machine.private_address]
+                                   ).apply(lambda ic: EtcdMember(initial_cluster=ic, state="existing"))
+                state = "existing"
+                joined.append(m)
+            # A member that joined keeps what it joined with (the masters before it answer
+            # `member add`), so its step stays the same on the next update.
+            join = None if state == "new" else pulumi.Output.all(m.machine.private_address, https_urls(
+                [r.machine.private_address for r in masters[:i]], 2379)).apply(
+                lambda v: {"peer_url": f"https://{v[0]}:2380", "endpoints": v[1]})
+            members[n] = member
+            unit = pulumi.Output.all(m.machine.private_address, member).apply(lambda v, n=n: render(
+                "systemd/etcd.service.j2", name=n, address=v[0], initial_cluster=v[1].initial_cluster,
+                initial_cluster_state=v[1].state, cluster_token=token, heartbeat_ms=cfg.etcd.heartbeat_interval_ms,
                 election_ms=cfg.etcd.election_timeout_ms))
+            files = [File("/etc/systemd/system/etcd.service", unit),
+                     File("/etc/etcd/pki/ca.crt", pki.etcd_ca.cert),
+                     File("/etc/etcd/pki/server.crt", pki.etcd_server[n].cert),
+                     File("/etc/etcd/pki/peer.crt", pki.etcd_peer[n].cert),
+                     File("/etc/etcd/pki/healthcheck-client.crt", pki.etcd_healthcheck.cert)]
+            secrets = [SecretFile("/etc/etcd/pki/server.key", pki.etcd_server[n].key),
+                       SecretFile("/etc/etcd/pki/peer.key", pki.etcd_peer[n].key),
+                       SecretFile("/etc/etcd/pki/healthcheck-client.key", pki.etcd_healthcheck.key)]
+            if join is not None:
+                # etcd's own admin (auth is on): member add and promote, against the running members.
+                files.append(File("/etc/etcd/pki/root-client.crt", pki.etcd_root_client.cert))
+                secrets.append(SecretFile("/etc/etcd/pki/root-client.key", pki.etcd_root_client.key))
+                files.append(File("/etc/etcd/join.env", join.apply(
+                    lambda j: f"KUBELAB_ETCD_ENDPOINTS={j['endpoints']}\nKUBELAB_ETCD_PEER_URL={j['peer_url']}\n")))
             self.etcd[n] = m.step("etcd", "scripts/install-etcd.sh.j2", StepSpec(
                 units=["etcd"],
                 binaries=[Binary("bin/etcd", "/usr/local/bin/etcd"), Binary("bin/etcdctl", "/usr/local/bin/etcdctl")],
                 dirs=[("/var/lib/etcd", "0700"), ("/etc/etcd/pki", "0755")],
-                files=[File("/etc/systemd/system/etcd.service", unit),
-                       File("/etc/etcd/pki/ca.crt", pki.etcd_ca.cert),
-                       File("/etc/etcd/pki/server.crt", pki.etcd_server[n].cert),
-                       File("/etc/etcd/pki/peer.crt", pki.etcd_peer[n].cert),
-                       File("/etc/etcd/pki/healthcheck-client.crt", pki.etcd_healthcheck.cert)],
-                secret_files=[SecretFile("/etc/etcd/pki/server.key", pki.etcd_server[n].key),
-                              SecretFile("/etc/etcd/pki/peer.key", pki.etcd_peer[n].key),
-                              SecretFile("/etc/etcd/pki/healthcheck-client.key", pki.etcd_healthcheck.key)],
-            ), parent=self, timeout="30m")
+                files=files, secret_files=secrets,
+                context={"join": join is not None},
+            ), parent=self, depends_on=[self.etcd[r.machine.name] for r in [*running, *joined[:-1]]]
+                if m in joined else [], timeout="30m")
+        self.etcd_members = pulumi.Output.all(**members).apply(
+            lambda ms: {n: {"initialCluster": m.initial_cluster, "initialClusterState": m.state} for n, m in ms.items()})
         etcd_all = list(self.etcd.values())
 
         # 2. etcd authentication: every client is its certificate's CN, with least privilege
@@ -74,6 +127,17 @@ class ControlPlane(pulumi.ComponentResource):
             },
         ), parent=self, depends_on=etcd_all)
         etcd_all = [*etcd_all, self.etcd_auth]
+
+        # 2a. Every master after the first: checked as a voting member; removed from etcd
+        #     (``member remove``, quorum kept) when the master leaves the stack, before its
+        #     machine goes. Skipped when the whole cluster is being destroyed.
+        self.members = [
+            first.step(f"etcd-member-{m.machine.name}", "scripts/etcd-member.sh.j2", StepSpec(
+                context={"member": m.machine.name},
+                on_delete=("scripts/etcd-member-remove.sh.j2", {"member": m.machine.name, "marker": DESTROYING_MARK}),
+            ), parent=self, depends_on=[self.etcd[m.machine.name], self.etcd_auth])
+            for m in masters[1:]
+        ]
 
         # 2b. etcd snapshots on every master, on a timer, kept and verified (restore: README).
         self.etcd_backup = {}
@@ -116,8 +180,10 @@ class ControlPlane(pulumi.ComponentResource):
         self.apiserver = {}
         for m in masters:
             n = m.machine.name
-            unit = pulumi.Output.all(m.machine.private_address, self.etcd_servers).apply(lambda v: render(
-                "systemd/kube-apiserver.service.j2", address=v[0], etcd_servers=v[1], local_etcd=True,
+            # Its own etcd member only (stacked etcd, as kubeadm does it): a member joining or
+            # leaving changes no API server's flags.
+            unit = pulumi.Output.from_input(m.machine.private_address).apply(lambda a: render(
+                "systemd/kube-apiserver.service.j2", address=a, etcd_servers="https://127.0.0.1:2379", local_etcd=True,
                 cluster_domain=net.cluster_domain, service_cidr=net.service_cidr,
                 node_port_range=cfg.apiserver.service_node_port_range))
             self.apiserver[n] = m.step("kube-apiserver", "scripts/install-service.sh.j2", StepSpec(
@@ -132,12 +198,12 @@ class ControlPlane(pulumi.ComponentResource):
                        File("/etc/kubernetes/pki/ca.crt", pki.ca.cert),
                        File("/etc/kubernetes/pki/etcd-ca.crt", pki.etcd_ca.cert),
                        File("/etc/kubernetes/pki/front-proxy-ca.crt", pki.front_proxy_ca.cert),
-                       File("/etc/kubernetes/pki/apiserver.crt", pki.apiserver.cert),
+                       File("/etc/kubernetes/pki/apiserver.crt", pki.apiserver[n].cert),
                        File("/etc/kubernetes/pki/apiserver-etcd-client.crt", pki.apiserver_etcd_client.cert),
                        File("/etc/kubernetes/pki/apiserver-kubelet-client.crt", pki.apiserver_kubelet_client.cert),
                        File("/etc/kubernetes/pki/front-proxy-client.crt", pki.front_proxy_client.cert),
                        File("/etc/kubernetes/pki/service-account.pub", pki.service_account_pub)],
-                secret_files=[SecretFile("/etc/kubernetes/pki/apiserver.key", pki.apiserver.key),
+                secret_files=[SecretFile("/etc/kubernetes/pki/apiserver.key", pki.apiserver[n].key),
                               SecretFile("/etc/kubernetes/pki/apiserver-etcd-client.key", pki.apiserver_etcd_client.key),
                               SecretFile("/etc/kubernetes/pki/apiserver-kubelet-client.key", pki.apiserver_kubelet_client.key),
                               SecretFile("/etc/kubernetes/pki/front-proxy-client.key", pki.front_proxy_client.key),
@@ -180,7 +246,7 @@ class ControlPlane(pulumi.ComponentResource):
         # (not the controllers: they need nothing from a node to start, nor a node from them).
         self.api_ready: list[pulumi.Resource] = [*self.apiserver.values()]
         self.ready: list[pulumi.Resource] = [
-            self.flannel_config, self.apiserver_to_kubelet,
+            self.flannel_config, self.apiserver_to_kubelet, *self.members,
             *self.controller_manager.values(), *self.scheduler.values(),
         ]
-        self.register_outputs({"etcd_servers": self.etcd_servers})
+        self.register_outputs({"etcd_servers": self.etcd_servers, "etcd_members": self.etcd_members})

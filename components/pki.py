@@ -48,7 +48,6 @@ class ClusterPki(pulumi.ComponentResource):
         self,
         name: str,
         cfg: ClusterConfig,
-        master_addresses: Sequence[pulumi.Input[str]],
         public_endpoints: Sequence[pulumi.Input[str]],
         node_addresses: dict[str, Sequence[pulumi.Input[str]]],
         opts: pulumi.ResourceOptions | None = None,
@@ -83,12 +82,15 @@ class ClusterPki(pulumi.ComponentResource):
 
         # Control plane.
         domain = cfg.network.cluster_domain
-        self.apiserver = self._leaf(
-            "kube-apiserver", self.ca, "kube-apiserver", None, SERVER,
-            dns=["kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                 f"kubernetes.default.svc.{domain}", "localhost",
-                 *[n.name for n in cfg.master_nodes]],
-            ips=[cfg.network.kubernetes_service_ip, "127.0.0.1", *master_addresses, *public_endpoints])
+        # One serving certificate per API server, for its own addresses and the cluster's
+        # endpoints: a master added or removed changes no other master's certificate.
+        self.apiserver: dict[str, KeyPair] = {}
+        for node in cfg.master_nodes:
+            self.apiserver[node.name] = self._leaf(
+                f"kube-apiserver-{node.name}", self.ca, "kube-apiserver", None, SERVER,
+                dns=["kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                     f"kubernetes.default.svc.{domain}", "localhost", node.name],
+                ips=[cfg.network.kubernetes_service_ip, "127.0.0.1", *node_addresses[node.name], *public_endpoints])
         self.apiserver_kubelet_client = self._leaf(
             "apiserver-kubelet-client", self.ca, "kube-apiserver", None, CLIENT)
         self.controller_manager = self._leaf(

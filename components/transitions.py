@@ -2,7 +2,7 @@
 
 The stack config says what the cluster should be; whether a change is safe also depends on
 what it is now. The stack's own last outputs say that (``nodes`` lists each node's role,
-``kubernetesVersion`` the version it runs), read through the engine's built-in
+``kubernetesVersion`` the version it runs, ``etcdMembers`` how each etcd member was started), read through the engine's built-in
 ``pulumi:pulumi:readStackOutputs`` before any resource is registered, so a refused change
 creates, updates and deletes nothing. A stack that has never run has no outputs: anything goes.
 """
@@ -17,11 +17,23 @@ READ_STACK_OUTPUTS = "pulumi:pulumi:readStackOutputs"
 
 
 @dataclass(frozen=True)
+class EtcdMember:
+    """How a member was first started: etcd reads these flags only on its first start (an empty
+    data dir), so a running member's unit keeps them as they were, and a change of the other
+    masters leaves its step alone."""
+
+    initial_cluster: str  # name=https://address:2380,... as etcd was given it
+    state: str  # "new": a founding member; "existing": joined a running cluster later
+
+
+@dataclass(frozen=True)
 class Deployed:
     """What the stack's last update left running, as far as its outputs say."""
 
     masters: tuple[str, ...]
     kubernetes: str | None  # absent in stacks last updated before the output existed
+    # None in stacks last updated before the output existed (their members all founded it).
+    etcd_members: dict[str, EtcdMember] | None = None
 
 
 def deployed_from_outputs(outputs: dict | None) -> Deployed | None:
@@ -32,7 +44,10 @@ def deployed_from_outputs(outputs: dict | None) -> Deployed | None:
         return None
     masters = tuple(n["name"] for n in nodes if isinstance(n, dict) and n.get("role") == "master")
     version = (outputs or {}).get("kubernetesVersion")
-    return Deployed(masters=masters, kubernetes=version if isinstance(version, str) else None)
+    members = (outputs or {}).get("etcdMembers")
+    etcd = ({n: EtcdMember(initial_cluster=m["initialCluster"], state=m["initialClusterState"])
+             for n, m in members.items()} if isinstance(members, dict) else None)
+    return Deployed(masters=masters, kubernetes=version if isinstance(version, str) else None, etcd_members=etcd)
 
 
 def read_deployed() -> Deployed | None:
@@ -47,18 +62,16 @@ def read_deployed() -> Deployed | None:
 def check_transition(cfg: ClusterConfig, before: Deployed | None) -> None:
     """Raise ConfigError (naming the setting and the way forward) for a change the running
     cluster cannot take safely in one update."""
+    problems: list[str] = []
+    n = len(cfg.master_nodes)
+    if n % 2 == 0 and (before is None or not before.masters):
+        # A running cluster may pass through an even count, one member at a time (3 -> 2 -> 1).
+        raise ConfigError([
+            f"masters.count: {n} masters means an even number of etcd members, which tolerates no more failures "
+            f"than {n - 1}; use an odd number (1, 3 or 5)"])
     if before is None:
         return
-    problems: list[str] = []
-    now = tuple(n.name for n in cfg.master_nodes)
-    if before.masters and set(now) != set(before.masters):
-        problems.append(
-            f"masters: this stack runs {len(before.masters)} master(s) ({', '.join(before.masters)}) and the config "
-            f"asks for {len(now)} ({', '.join(now)}). Every master is an etcd member, and kubelab does not yet change "
-            "the members of a running etcd cluster (a new member would start a cluster of its own; a removed one "
-            f"would stay a member, and {len(before.masters)} -> {len(now)} can lose etcd's quorum). Keep "
-            f"masters.count at {len(before.masters)} (and the same static hosts), or rebuild the cluster: "
-            "`pulumi destroy`, then `pulumi up`.")
+    problems += master_change_problems(tuple(n.name for n in cfg.master_nodes), before)
     if before.kubernetes:
         old, new = SEMVER_RE.match(before.kubernetes), SEMVER_RE.match(cfg.versions["kubernetes"])
         if old and new:
@@ -76,3 +89,43 @@ def check_transition(cfg: ClusterConfig, before: Deployed | None) -> None:
                     "`pulumi up`, then the next.")
     if problems:
         raise ConfigError(problems)
+
+
+def master_change_problems(now: tuple[str, ...], before: Deployed) -> list[str]:
+    """Masters are etcd members. Any number may join in one update, one after another (each
+    added as a learner, caught up, then promoted), but only one may leave (``member remove``
+    before its machine goes), so quorum holds at every step; the count may pass through an
+    even number on the way. The first master stays: it runs the registry, the addons and
+    these member changes."""
+    if not before.masters or set(now) == set(before.masters):
+        return []
+    added = [n for n in now if n not in before.masters]
+    removed = [n for n in before.masters if n not in now]
+    have, want = len(before.masters), len(now)
+    if before.etcd_members is None:
+        return [f"masters: this stack runs {have} master(s) ({', '.join(before.masters)}) and its last update predates "
+                f"the record of how each etcd member started (output etcdMembers). Run `pulumi up` once with "
+                f"masters.count at {have}, then change the masters."]
+    if before.masters[0] in removed or now[0] != before.masters[0]:
+        return [f"masters: {before.masters[0]} is the first master: it runs the private registry and the addons and "
+                f"changes the etcd members, so it stays. Keep it first (masters.count can grow or shrink by the "
+                f"masters after it), or rebuild the cluster: `pulumi destroy`, then `pulumi up`."]
+    if removed and added:
+        return [f"masters: the config removes {', '.join(removed)} and adds {', '.join(added)} in one update. etcd "
+                f"members leave one per update and only once no other joins, so quorum holds at every step: remove "
+                f"the old master(s) first, `pulumi up`, then add the new one(s)."]
+    if len(removed) > 1:
+        return [f"masters: this stack runs {have} masters ({', '.join(before.masters)}) and the config asks for {want}: "
+                f"{len(removed)} etcd members would leave in one update ({have} -> {want} in one update can lose "
+                f"etcd's quorum). Members leave one per update: set masters.count to {have - 1} first, `pulumi up`, "
+                f"then {have - 2}, and so on."]
+    return []
+
+
+def transition_warnings(cfg: ClusterConfig, before: Deployed | None) -> list[str]:
+    """What an allowed change should still tell the user at preview."""
+    n = len(cfg.master_nodes)
+    if before is not None and before.masters and n % 2 == 0:
+        return [f"masters.count: {n} etcd members tolerate no more failures than {n - 1}; this is meant as a step "
+                f"on the way to {n - 1} or {n + 1} masters in the next update."]
+    return []

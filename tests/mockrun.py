@@ -26,12 +26,14 @@ PEM_CERT = "-----BEGIN CERTIFICATE-----\nMOCK\n-----END CERTIFICATE-----\n"
 class KubelabMocks(pulumi.runtime.Mocks):
     """Outputs the providers would compute (keys, certificates, droplet addresses).
 
-    ``ids`` overrides the id of named resources (a replaced VM gets a new domain id).
+    ``ids`` overrides the id of named resources (a replaced VM gets a new domain id);
+    ``outputs`` are the stack's last outputs, as the engine's readStackOutputs answers them.
     """
 
-    def __init__(self, ids: dict[str, str] | None = None) -> None:
+    def __init__(self, ids: dict[str, str] | None = None, outputs: dict | None = None) -> None:
         self.count = 0
         self.ids = ids or {}
+        self.outputs = outputs
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         self.count += 1
@@ -58,6 +60,8 @@ class KubelabMocks(pulumi.runtime.Mocks):
         return [self.ids.get(args.name, f"{args.name}-id"), state]
 
     def call(self, args: pulumi.runtime.MockCallArgs):
+        if args.token == "pulumi:pulumi:readStackOutputs" and self.outputs is not None:
+            return {"outputs": self.outputs}
         return {}
 
 
@@ -147,9 +151,11 @@ class Graph:
         return earlier.urn in self.ancestors(later)
 
 
-def run_program(raw_config: dict, stack: str = "test", ids: dict[str, str] | None = None) -> Graph:
-    """Run ``__main__.py`` with ``raw_config`` as ``kubelab:cluster`` under recording mocks."""
-    mocks = KubelabMocks(ids)
+def run_program(raw_config: dict, stack: str = "test", ids: dict[str, str] | None = None,
+                outputs: dict | None = None) -> Graph:
+    """Run ``__main__.py`` with ``raw_config`` as ``kubelab:cluster`` under recording mocks
+    (``outputs``: the stack's last outputs, for an update of a running cluster)."""
+    mocks = KubelabMocks(ids, outputs)
     monitor = RecordingMonitor(mocks)
     pulumi.runtime.set_mocks(mocks, project="kubelab", stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config({"kubelab:cluster": json.dumps(raw_config)})

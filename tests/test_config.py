@@ -65,8 +65,6 @@ CASES = [
      ["network.pod_cidr", "not a valid CIDR"]),
     ("zero-masters", lambda r: r.update(masters={"count": 0}),
      ["masters.count", "at least one master"]),
-    ("even-etcd", lambda r: r.update(masters={"count": 2}),
-     ["masters.count", "even number of etcd members", "odd number"]),
     ("unknown-platform", lambda r: r.update(platform="vsphere"),
      ["platform", "unknown platform 'vsphere'", "libvirt, digitalocean, static"]),
     ("unknown-flannel-backend", lambda r: r.setdefault("network", {}).update(flannel_backend="udp-magic"),
@@ -148,7 +146,7 @@ def test_refused(config_for, mutate, fragments):
 
 def test_all_problems_reported_together(config_for):
     raw = config_for()
-    raw.update(masters={"count": 2}, addons={"istio": True}, platform="libvirt")
+    raw.update(masters={"count": 0}, addons={"istio": True}, platform="libvirt")
     raw.setdefault("network", {}).update(cluster_dns="1.2.3.4")
     message = refused(raw)
     assert message.count("\n  - ") == 3

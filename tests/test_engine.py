@@ -101,14 +101,14 @@ def test_static_hosts_preview_offline(tmp_path):
 def test_bad_config_fails_preview_with_the_message_and_plans_nothing(tmp_path):
     cache = prepare_cache(tmp_path / "cache")
     cluster = base_config(cache, "digitalocean")
-    cluster["masters"] = {"count": 2}
+    cluster["masters"] = {"count": 0}
     cluster["network"] = {"pod_cidr": "10.32.0.0/16"}
     project = Project(tmp_path, "bad", cluster, secrets={"digitalocean:token": "dummy"}, cache=cache, providers=())
     preview, proc = project.preview_json(check=False)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "invalid stack config (kubelab:cluster), nothing was created" in text
-    assert "masters.count: 2 masters means an even number of etcd members" in text
+    assert "masters.count: a cluster needs at least one master" in text
     assert "network.service_cidr: 10.32.0.0/24 overlaps network.pod_cidr" in text
     assert "Traceback" not in text
     assert planned(preview) == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from components.config import ConfigError, parse_cluster_config
-from components.transitions import Deployed, check_transition, deployed_from_outputs
+from components.transitions import Deployed, EtcdMember, check_transition, deployed_from_outputs, transition_warnings
 
 OUTPUTS = {
     "apiserverUrl": "https://10.240.0.11:6443",
@@ -37,22 +37,50 @@ def test_workers_and_patch_versions_change_freely(config_for):
     check_transition(parse_cluster_config(raw), deployed_from_outputs(OUTPUTS))
 
 
-@pytest.mark.parametrize("count", [3, 5])
-def test_changing_the_masters_of_a_running_cluster_is_refused_with_the_way_forward(config_for, count):
+RECORDED = {**OUTPUTS, "etcdMembers": {"master-1": {"initialCluster": "master-1=https://10.240.0.11:2380",
+                                                      "initialClusterState": "new"}}}
+THREE = Deployed(masters=("master-1", "master-2", "master-3"), kubernetes="1.36.4",
+                 etcd_members={n: EtcdMember("...", "new") for n in ("master-1", "master-2", "master-3")})
+
+
+def masters(config_for, count: int):
     raw = config_for("libvirt")
     raw["masters"] = {"count": count}
-    with pytest.raises(ConfigError) as err:
-        check_transition(parse_cluster_config(raw), deployed_from_outputs(OUTPUTS))
-    text = str(err.value)
-    assert "nothing was created" in text
-    assert f"masters: this stack runs 1 master(s) (master-1) and the config asks for {count}" in text
-    assert "Keep masters.count at 1" in text and "`pulumi destroy`, then `pulumi up`" in text
+    return parse_cluster_config(raw)
 
 
-def test_three_masters_to_one_is_refused_for_etcd_quorum(config_for):
-    before = Deployed(masters=("master-1", "master-2", "master-3"), kubernetes="1.36.4")
-    with pytest.raises(ConfigError, match=r"3 -> 1 can lose etcd's quorum"):
-        check_transition(parse_cluster_config(config_for("libvirt")), before)
+def test_a_new_cluster_needs_an_odd_number_of_etcd_members(config_for):
+    with pytest.raises(ConfigError, match=r"masters.count: 2 masters means an even number of etcd members.*odd"):
+        check_transition(masters(config_for, 2), None)
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_masters_join_a_running_cluster_in_one_update(config_for, count):
+    """They join one after another as learners: quorum never depends on a member not yet caught up."""
+    before = deployed_from_outputs(RECORDED)
+    check_transition(masters(config_for, count), before)
+    assert bool(transition_warnings(masters(config_for, count), before)) == (count % 2 == 0)
+
+
+def test_masters_leave_one_per_update_through_an_even_count(config_for):
+    check_transition(masters(config_for, 2), THREE)
+    assert "tolerate no more failures than 1" in transition_warnings(masters(config_for, 2), THREE)[0]
+    with pytest.raises(ConfigError, match=r"3 -> 1 in one update can lose etcd's quorum.*set masters.count to 2 first"):
+        check_transition(masters(config_for, 1), THREE)
+
+
+def test_the_first_master_stays(config_for):
+    before = Deployed(masters=("old-1", "master-1"), kubernetes="1.36.4",
+                      etcd_members={"old-1": EtcdMember("...", "new"), "master-1": EtcdMember("...", "existing")})
+    with pytest.raises(ConfigError, match=r"old-1 is the first master.*so it stays"):
+        check_transition(masters(config_for, 1), before)
+
+
+def test_a_stack_from_before_the_member_record_first_runs_once_unchanged(config_for):
+    before = deployed_from_outputs(OUTPUTS)
+    check_transition(masters(config_for, 1), before)
+    with pytest.raises(ConfigError, match=r"predates the record .* Run `pulumi up` once with masters.count at 1"):
+        check_transition(masters(config_for, 3), before)
 
 
 def test_a_skipped_or_backward_minor_version_is_refused(config_for):
