@@ -320,6 +320,8 @@ def apply_topology(raw: dict, topology: str) -> dict:
     - ``1+4``: four workers, to compare bring-up with 1+2 (the speed issue's scaling goal).
     - ``ha``: three masters and one worker (the lifecycle issue's HA control plane): one master
       is stopped and started again while the cluster keeps serving (``verify_master_outage``).
+    - ``grow``: one master and one worker; a second master joins the running cluster and
+      leaves it again (``verify_master_join_leave``): etcd members added and removed live.
     - ``seed000-ha``: every host a master that also runs pods, so etcd is on all three as in
       seed 000, with an apiserver on each too. Under TCG on 2 host cores this is more than the
       machine gives (measured: etcd slower than its clients' deadlines, a master unreachable).
@@ -337,8 +339,11 @@ def apply_topology(raw: dict, topology: str) -> dict:
     elif topology == "ha":
         raw["masters"] = {**raw.get("masters", {}), "count": 3, "memory_mib": 2048, "cpus": 1}
         raw["workers"] = {**raw.get("workers", {}), "count": 1}
+    elif topology == "grow":
+        raw["masters"] = {**raw.get("masters", {}), "memory_mib": 2048, "cpus": 1}
+        raw["workers"] = {**raw.get("workers", {}), "count": 1}
     elif topology != "1+2":
-        raise ValueError(f"KUBELAB_E2E_TOPOLOGY={topology!r}: choose 1+2, 1+4, ha, seed000 or seed000-ha")
+        raise ValueError(f"KUBELAB_E2E_TOPOLOGY={topology!r}: choose 1+2, 1+4, ha, grow, seed000 or seed000-ha")
     return raw
 
 
@@ -465,6 +470,9 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         verify_cluster(in_ns, kubeconfig, kubectl_bin, nodes_cfg, api, prerequisites, tmp_path, raw["network"]["service_cidr"])
         if TOPOLOGY == "ha":
             verify_master_outage(in_ns, kubeconfig, kubectl_bin, nodes_cfg, prerequisites["key"], t)
+        if TOPOLOGY == "grow":
+            verify_master_join_leave(project, raw, nodes_cfg, up, in_ns, kubeconfig, kubectl_bin, prerequisites["key"],
+                                     lab, t)
         verify_registry(in_ns, kubeconfig, outputs["registryUrl"], nodes_cfg, tmp_path)
         verify_dashboard(in_ns, kubeconfig, kubectl_bin)
         verify_security(in_ns, kubeconfig, kubectl_bin, nodes_cfg[0]["address"], prerequisites["key"], raw["network"]["etcd_prefix"])
@@ -511,7 +519,7 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         # --- the pull-request diff contract: each change previewed against the live stack ----
         t0 = time.monotonic()
         t["diff_contract"] = []
-        for case in diff_contract.CASES:
+        for case in diff_contract.CASES if TOPOLOGY != "grow" else []:  # grow: the master changes instead
             result = diff_contract.run_case(project, raw, nodes_cfg, case)
             t["diff_contract"].append(result)
             t.save()
@@ -701,6 +709,83 @@ def verify_master_outage(in_ns, kubeconfig: Path, kubectl_bin: str, nodes_cfg: l
     t["master_outage"] = out
     t.save()
     log(f"master outage: {victim['name']} back, etcd 3/3 healthy after {out['etcd_three_healthy_s']} s")
+
+
+def verify_master_join_leave(project: Project, raw: dict, nodes_cfg: list[dict], up, in_ns, kubeconfig: Path,
+                             kubectl_bin: str, key: Path, lab, t: Timings) -> None:
+    """``masters.count`` 1 -> 2 -> 1 on the live stack (the lifecycle issue's member changes).
+
+    Join: the preview plans creates for the new master (its machine, certificates, steps, and
+    its etcd-member step on the first master) and updates only of flanneld's etcd endpoints,
+    the load balancers' server lists and the restore script; no step of the running master's
+    etcd or API server. The new member joins as a learner and is promoted: two voting, healthy
+    members; its API server answers. Leave: the preview plans exactly the deletes; the member
+    is removed from etcd before its machine goes; one healthy member; nothing of it is left in
+    libvirt; a preview after it is clean."""
+    first = nodes_cfg[0]
+    new = f"master-{raw['masters'].get('count', 1) + 1}"
+    kubectl = [kubectl_bin, "--kubeconfig", str(kubeconfig)]
+    bigger = json.loads(json.dumps(raw))
+    bigger["masters"]["count"] = raw["masters"].get("count", 1) + 1
+    allowed_updates = {f"{n['name']}-flanneld" for n in nodes_cfg} | {f"{n['name']}-apiserver-lb" for n in nodes_cfg} | {
+        f"{first['name']}-etcd-backup"}
+
+    def ssh(address: str, cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return in_ns("ssh", *SSH_OPTS, "-i", str(key), f"kubelab@{address}", cmd, check=check, timeout=180)
+
+    def members() -> list[dict]:
+        out = ssh(first["address"], "sudo ETCDCTL_API=3 /usr/local/bin/etcdctl --endpoints=https://127.0.0.1:2379 "
+                  "--cacert=/etc/etcd/pki/ca.crt --cert=/etc/etcd/pki/root-client.crt "
+                  "--key=/etc/etcd/pki/root-client.key member list -w json").stdout
+        return [{"name": m.get("name", ""), "learner": bool(m.get("isLearner")), "peer": m["peerURLs"][0]}
+                for m in json.loads(out)["members"]]
+
+    out: dict[str, object] = {"master": new}
+    try:
+        project.set_cluster(bigger)
+        ops, _ = diff_contract.planned_ops(project, f"masters.count {bigger['masters']['count']}")
+    except BaseException:
+        project.set_cluster(raw)
+        raise
+    creates = sorted(k for k, v in ops.items() if v == "create")
+    others = {k: v for k, v in ops.items() if v != "create"}
+    out["join_planned"] = {"creates": len(creates), "others": others}
+    assert f"{first['name']}-etcd-member-{new}" in creates and f"{new}-etcd" in creates, creates
+    assert all(new in k.split("-key")[0].split("-csr")[0] for k in creates), f"creates beyond {new}: {creates}"
+    assert set(others) <= allowed_updates | {NAME} and set(others.values()) <= {"update"}, others
+    for step in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"):
+        assert f"{first['name']}-{step}" not in ops, f"joining {new} changes the running master's {step}"
+    log(f"master join: {len(creates)} creates, updates {sorted(others)}")
+    out["join_s"], run = up("master-join")
+    ms = members()
+    assert sorted(m["name"] for m in ms) == sorted([first["name"], new]) and not any(m["learner"] for m in ms), ms
+    address = next(m["peer"] for m in ms if m["name"] == new).split("//")[1].split(":")[0]
+    ready = ssh(address, "sudo /usr/local/bin/kubectl --kubeconfig /etc/kubernetes/admin.kubeconfig get --raw /readyz").stdout
+    assert ready.strip() == "ok", ready
+    in_ns(*kubectl, "create", "deployment", "joined", "--image=kubelab.local/netcheck:e2e", "--replicas=1")
+    in_ns(*kubectl, "rollout", "status", "deployment/joined", "--timeout=600s", timeout=660)
+    in_ns(*kubectl, "delete", "deployment", "joined", "--wait=true", "--timeout=300s", timeout=360)
+    log(f"master join: {new} is a voting etcd member and its API server is ready ({out['join_s']} s)")
+
+    project.set_cluster(raw)
+    ops_down, _ = diff_contract.planned_ops(project, f"masters.count {raw['masters'].get('count', 1)}")
+    deletes = sorted(k for k, v in ops_down.items() if v == "delete")
+    out["leave_planned"] = {"deletes": len(deletes), "others": {k: v for k, v in ops_down.items() if v != "delete"}}
+    assert deletes == creates, f"leaving deletes {deletes}, joining created {creates}"
+    out["leave_s"], run = up("master-leave")
+    times = run["times"]
+    removal = times[f"{first['name']}-etcd-member-{new}"]
+    assert removal[1] <= times[new][0], f"{new}'s machine went before it left etcd: {removal} vs {times[new]}"
+    ms = members()
+    assert [m["name"] for m in ms] == [first["name"]], ms
+    in_ns(*kubectl, "get", "--raw", "/readyz")
+    left = [x for x in leftovers(lab, NAME) if new in x]
+    assert left == [], f"{new} left behind: {left}"
+    proc = project.run("preview", "--expect-no-changes", check=False, timeout=1200)
+    assert proc.returncode == 0, f"preview after {new} left planned changes:\n{proc.stdout[-8000:]}"
+    t["master_join_leave"] = out
+    t.save()
+    log(f"master leave: {new} removed from etcd, then its machine ({out['leave_s']} s); etcd has 1 member")
 
 
 def spread_deployment(replicas: int) -> str:
