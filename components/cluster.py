@@ -69,7 +69,7 @@ class Cluster(pulumi.ComponentResource):
         #    any other node a node-local load balancer in front of every master (installed
         #    while the control plane bootstraps).
         lbs = {n.name: ApiServerLoadBalancer(hosts[n.name], pki, masters, opts=child)
-               for n in cfg.nodes if n.role != "master"}
+               for n in cfg.load_balanced_nodes}
 
         def api_path(node: str) -> list[pulumi.Resource]:
             """What a node's kubelet and kube-proxy wait for: every API server, and the node's

@@ -259,6 +259,11 @@ class ClusterConfig:
         return tuple(n for n in self.nodes if n.role == "master")
 
     @property
+    def load_balanced_nodes(self) -> tuple[NodeSpec, ...]:
+        """Nodes that run no API server, so reach it through a node-local load balancer."""
+        return tuple(n for n in self.nodes if n.role != "master")
+
+    @property
     def workload_nodes(self) -> tuple[NodeSpec, ...]:
         """Nodes that run a kubelet (workers, and masters when they also run workloads)."""
         return tuple(n for n in self.nodes if n.runs_workloads)

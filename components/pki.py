@@ -102,7 +102,7 @@ class ClusterPki(pulumi.ComponentResource):
         # may, through system:public-info-viewer); only nodes that run no API server have one.
         self.apiserver_lb_healthcheck = (
             self._leaf("apiserver-lb-healthcheck", self.ca, "kubelab:apiserver-lb-healthcheck", None, CLIENT)
-            if any(n.role != "master" for n in cfg.nodes) else None)
+            if cfg.load_balanced_nodes else None)
         self.front_proxy_client = self._leaf("front-proxy-client", self.front_proxy_ca, "front-proxy-client", None, CLIENT)
         # metrics-server's serving certificate: the APIService trusts the cluster CA (no
         # insecureSkipTLSVerify), the API server dials it by its Service name.
