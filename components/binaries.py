@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import shutil
 import sys
@@ -51,18 +52,14 @@ ALL_FILES = CONTROL_PLANE_FILES + NETWORK_FILES + WORKER_FILES + REGISTRY_FILES
 # Image archives and preloads travel gzipped one by one (Bundle.blob): level 6 is zlib's
 # default, at about 40 MB/s on the deploy host, once per file content.
 GZIP_LEVEL = 6
-# Binaries travel in a few solid zstd archives per node (node_archives): kube-apiserver,
+# Binaries travel in a few solid xz archives per node (node_archives): kube-apiserver,
 # kube-controller-manager, kube-scheduler, kube-proxy and kubectl share most of their code, and
-# a 128 MiB window with long-distance matching finds it across files. zstd, not xz: what the
-# node pays to unpack is on the critical path of every bring-up. Measured on Go binaries (86 MB
-# of Go's own tools, natively): xz -9 with the x86 filter 14.4 MB unpacked in 1.07 s, zstd -19
-# --long 17.3 MB (+20 %) in 0.21 s, gzip -9 32.0 MB in 0.56 s; sha256 of the same 0.48 s. Under
-# TCG xz's unpack of the master's archive took 125 s of an e2e's critical path. Window 2^27 is
-# what `zstd -d` accepts by default. Compressing costs about 2 MB/s on the deploy host, once
-# per archive content (cached).
-ARCHIVE_LEVEL = 19
-ARCHIVE_WINDOW_LOG = 27
-ARCHIVE_FORMAT = "kubelab-archive-v2-zstd"  # in the cache key: a new layout or filter is a new archive
+# a 64 MiB dictionary finds it across files. Measured on the 1.36.4 bundle: those five are
+# 94 MB gzipped one by one, 50 MB as one xz archive. The x86 filter turns relative call
+# addresses absolute, which repeat: 5 % fewer bytes. Compressing costs about 2 MB/s on the
+# deploy host, once per archive content (cached); unpacking on the node is liblzma's.
+ARCHIVE_FILTERS = ({"id": lzma.FILTER_X86}, {"id": lzma.FILTER_LZMA2, "preset": 9})
+ARCHIVE_FORMAT = "kubelab-archive-v1"  # in the cache key: a new layout or filter is a new archive
 
 
 class BinaryError(Exception):
@@ -119,17 +116,16 @@ def gzip_blob(f: LocalFile) -> Path:
 
 
 def archive_path(members: Sequence[tuple[str, LocalFile]]) -> Path:
-    """Where :func:`node_archive` keeps these members: named by the sha256 of their list."""
+    """Where :func:`xz_archive` keeps these members: named by the sha256 of their list."""
     key = hashlib.sha256("".join([f"{ARCHIVE_FORMAT}\n", *(f"{rel} {f.sha256}\n" for rel, f in members)]).encode())
-    return cache_root() / "blobs" / f"{key.hexdigest()}.tar.zst"
+    return cache_root() / "blobs" / f"{key.hexdigest()}.tar.xz"
 
 
-def node_archive(members: Sequence[tuple[str, LocalFile]]) -> Path:
-    """Bundle files as one solid tar.zst, content-addressed (:func:`archive_path`), made once.
+def xz_archive(members: Sequence[tuple[str, LocalFile]]) -> Path:
+    """Bundle files as one solid tar.xz, content-addressed (:func:`archive_path`), made once.
 
     The tar is deterministic (members in the given order, mode 0755, owner root, mtime 0), so
-    the same files make the same bytes (one thread, fixed level and window) and a no-op
-    `pulumi up` uploads nothing. The node
+    the same files make the same bytes and a no-op `pulumi up` uploads nothing. The node
     checks every member's sha256 against the bundle's after unpacking (unpack-archive.sh.j2).
     """
     out = archive_path(members)
@@ -137,13 +133,8 @@ def node_archive(members: Sequence[tuple[str, LocalFile]]) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    import zstandard  # here, not at the top: tools/ run this module with the stdlib alone
-
-    params = zstandard.ZstdCompressionParameters.from_level(
-        ARCHIVE_LEVEL, window_log=ARCHIVE_WINDOW_LOG, enable_ldm=True, write_checksum=True)
-    with tmp.open("wb") as raw, \
-            zstandard.ZstdCompressor(compression_params=params).stream_writer(raw, closefd=False) as zst, \
-            tarfile.open(fileobj=zst, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+    with lzma.LZMAFile(tmp, "wb", format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, filters=ARCHIVE_FILTERS) as xz, \
+            tarfile.open(fileobj=xz, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for rel, f in members:
             info = tarfile.TarInfo(rel)
             info.size, info.mode, info.mtime, info.uid, info.gid = f.path.stat().st_size, 0o755, 0, 0, 0
@@ -153,9 +144,9 @@ def node_archive(members: Sequence[tuple[str, LocalFile]]) -> Path:
     return out
 
 
-def node_archives_made(archives: Sequence[Sequence[tuple[str, LocalFile]]]) -> list[Path]:
-    """:func:`node_archive` for each; the missing ones are compressed side by side (zstandard
-    lets go of the GIL), so the first preview on a new bundle waits minutes once, then never."""
+def xz_archives(archives: Sequence[Sequence[tuple[str, LocalFile]]]) -> list[Path]:
+    """:func:`xz_archive` for each; the missing ones are compressed side by side (liblzma lets
+    go of the GIL), so the first preview on a new bundle waits minutes once, then never."""
     todo = {archive_path(a): a for a in archives if not archive_path(a).is_file()}
     if todo:
         workers = min(len(todo), os.cpu_count() or 1)
@@ -163,15 +154,15 @@ def node_archives_made(archives: Sequence[Sequence[tuple[str, LocalFile]]]) -> l
         print(f"kubelab: compressing {len(todo)} node archive(s), {size >> 20} MiB, once per bundle "
               f"(about {size / 2e6 / workers:.0f} s)", file=sys.stderr, flush=True)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(node_archive, todo.values()))
-    return [node_archive(a) for a in archives]
+            list(pool.map(xz_archive, todo.values()))
+    return [xz_archive(a) for a in archives]
 
 
 def node_archives(cfg: ClusterConfig, node: NodeSpec) -> dict[str, tuple[str, ...]]:
     """The bundle files a node's steps install, as the archives it gets, each named for what it
     starts. A master gets etcd alone first, so etcd starts while the larger archive is still on
     its way; everything else is one archive, the Kubernetes binaries side by side (they share
-    most of their code, see ARCHIVE_LEVEL). ``HostAccess.step`` refuses a binary that no
+    most of their code, see ARCHIVE_FILTERS). ``HostAccess.step`` refuses a binary that no
     archive of its node carries, so this list and the steps cannot drift apart unnoticed."""
     kube = ["bin/kube-apiserver", "bin/kube-controller-manager", "bin/kube-scheduler"] if node.role == "master" else []
     kube += ["bin/kube-proxy", *(["bin/kubelet"] if node.runs_workloads else []),
@@ -190,7 +181,7 @@ def node_archives(cfg: ClusterConfig, node: NodeSpec) -> dict[str, tuple[str, ..
 def prepare_archives(cfg: ClusterConfig, bundle: Bundle) -> dict[str, dict[str, tuple[str, ...]]]:
     """Every node's archives (:func:`node_archives`), compressed now if new, side by side."""
     archives = {n.name: node_archives(cfg, n) for n in cfg.nodes}
-    node_archives_made([[(rel, bundle.get(rel)) for rel in rels] for a in archives.values() for rels in a.values()])
+    xz_archives([[(rel, bundle.get(rel)) for rel in rels] for a in archives.values() for rels in a.values()])
     return archives
 
 

@@ -46,7 +46,7 @@ class Cluster(pulumi.ComponentResource):
         )
 
         # 3. Every host answers on SSH and has finished booting, and gets its binaries as a few
-        #    zstd archives (compressed here once per bundle, side by side, before any is needed).
+        #    xz archives (compressed here once per bundle, side by side, before any is needed).
         archives = prepare_archives(cfg, bundle)
         hosts = {m.name: HostAccess(m, bundle, archives[m.name], opts=child) for m in fleet.machines}
         first = hosts[masters[0].name]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pulumi
 from pulumi_command import remote
 
-from components.binaries import Bundle, LocalFile, checked_sha256, gzip_blob, node_archive
+from components.binaries import Bundle, LocalFile, checked_sha256, gzip_blob, xz_archive
 from components.machine import Machine
 from components.render import render
 
@@ -127,8 +127,7 @@ class HostAccess(pulumi.ComponentResource):
             connection=machine.connection(wait=True),
             add_previous_output_in_env=False,
             create=pulumi.Output.from_input(machine.identity).apply(
-                lambda ident: render("scripts/wait-for-ssh.sh.j2", node=machine.name, machine_id=ident,
-                                     install_packages=machine.installs_packages)),
+                lambda ident: render("scripts/wait-for-ssh.sh.j2", node=machine.name, machine_id=ident)),
             # Runs last on destroy (every step depends on this one): the staging area goes.
             delete=as_root(render("scripts/teardown.sh.j2", node=machine.name, step="wait-for-ssh", units=[],
                                   cleanup=[], paths=["/var/lib/kubelab"]), machine.user) if machine.teardown else None,
@@ -144,12 +143,12 @@ class HostAccess(pulumi.ComponentResource):
         self.unpacked: dict[str, remote.Command] = {}
         for archive, rels in archives.items():
             members = [(rel, bundle.get(rel)) for rel in rels]
-            local = node_archive(members)
+            local = xz_archive(members)
             upload = remote.CopyToRemote(
                 f"{machine.name}-upload-{archive}",
                 connection=machine.connection(),
                 source=pulumi.FileAsset(str(local)),
-                remote_path=f"{STAGE}/{archive}.tar.zst",
+                remote_path=f"{STAGE}/{archive}.tar.xz",
                 # A replaced machine gets every archive again (an upload has no remote side to delete).
                 triggers=[machine.identity],
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[self.ready], deleted_with=machine.deleted_with),

@@ -10,8 +10,7 @@
 #
 # Contents: mmdebstrap minbase + kernel, grub (BIOS), systemd, cloud-init (NoCloud only),
 # openssh-server, networkd/resolved and the few tools kubeadm-style installs expect
-# (conntrack, socat, iptables), haproxy for the node-local API load balancer, and zstd to
-# unpack the binaries kubelab uploads.
+# (conntrack, socat, iptables), and haproxy for the node-local API load balancer.
 # NO containerd/runc/kubernetes: kubelab uploads those.
 # Host packages: tools/apt-lab.txt. Must run as root (loop devices, mounts, chroot).
 set -euo pipefail
@@ -23,7 +22,7 @@ DISK_SIZE=4G # virtual size; the root fs grows to the volume size on first boot
 PACKAGES=(
   linux-image-amd64 grub-pc systemd-sysv dbus udev kmod openssh-server cloud-init
   cloud-guest-utils fdisk sudo systemd-resolved iproute2 ca-certificates e2fsprogs
-  qemu-guest-agent conntrack socat iptables procps curl haproxy zstd
+  qemu-guest-agent conntrack socat iptables procps curl haproxy
 )
 
 SCRIPT="$(readlink -f "${BASH_SOURCE[0]}")"

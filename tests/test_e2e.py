@@ -445,7 +445,7 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         t["uploaded_bytes_per_node"] = uploaded_bytes(times, state1)
         t["upload_bytes"] = archive_sizes(state1)
         unpacks = {k: round(v[1] - v[0], 1) for k, v in times.items() if "-unpack-" in k}
-        t["unpack_s"] = unpacks  # on the node: check, unzstd, untar, check every file
+        t["unpack_s"] = unpacks  # on the node: check, unxz, untar, check every file
         registry_step = times.get(f"{nodes_cfg[0]['name']}-registry")
         if registry_step:  # start the registry, unpack and push every archive (the step's own output has each push)
             t["registry_step_s"] = round(registry_step[1] - registry_step[0], 1)

@@ -359,12 +359,25 @@ def test_a_systemctl_call_that_times_out_on_a_busy_node_is_asked_again(tmp_path)
     ]
 
 
-def test_archives_unpack_on_the_node_and_binaries_install_only_after_their_sha256_checks(tmp_path, module_cache):
-    """Real bash, real tar, real zstd: the archive a CopyToRemote delivers is checked, unpacked
-    and every member checked against the bundle's sha256 and its record written;
-    ``install_bin`` installs only a file recorded with the checksum it expects; re-runs change
-    nothing; a tampered archive or an unexpected checksum fails loudly and installs nothing."""
-    from components.binaries import LocalFile, node_archive, sha256_file
+def without_xz(tmp_path: Path) -> str:
+    """A PATH with every host tool but xz: a node like the lab image, which unpacks with python3."""
+    nox = tmp_path / "no-xz-bin"
+    nox.mkdir()
+    for d in ("/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"):
+        for tool in Path(d).iterdir() if Path(d).is_dir() else ():
+            if tool.name not in ("xz", "unxz", "xzcat") and not (nox / tool.name).exists():
+                (nox / tool.name).symlink_to(tool)
+    return str(nox)
+
+
+@pytest.mark.parametrize("unxz", ["xz", "python3"])
+def test_archives_unpack_on_the_node_and_binaries_install_only_after_their_sha256_checks(tmp_path, module_cache, unxz):
+    """Real bash, real tar, real xz (or python3's lzma where a node has no xz): the archive a
+    CopyToRemote delivers is checked, unpacked and every member checked against the bundle's
+    sha256 and its record written; ``install_bin`` installs only a file recorded with the
+    checksum it expects; re-runs change nothing; a tampered archive or an unexpected checksum
+    fails loudly and installs nothing."""
+    from components.binaries import LocalFile, sha256_file, xz_archive
     from components.render import render
 
     members = []
@@ -373,17 +386,17 @@ def test_archives_unpack_on_the_node_and_binaries_install_only_after_their_sha25
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(f"\x7fELF pretend {rel} ".encode() * 5000)
         members.append((rel, LocalFile(f, sha256_file(f))))
-    archive = node_archive(members)
-    assert archive.name.endswith(".tar.zst") and archive.stat().st_size < 2 * 5000 * 30 / 20
-    assert node_archive(list(members)) == archive  # content-addressed, made once
+    archive = xz_archive(members)
+    assert archive.name.endswith(".tar.xz") and archive.stat().st_size < 2 * 5000 * 30 / 20
+    assert xz_archive(list(members)) == archive  # content-addressed, made once
     stage, dest = tmp_path / "stage", tmp_path / "root/usr/local/bin/kubelet"
     (stage / "bin").mkdir(parents=True)
-    shutil.copy(archive, stage / "node.tar.zst")  # what the upload puts on the node
+    shutil.copy(archive, stage / "node.tar.xz")  # what the upload puts on the node
     fake = tmp_path / "fakebin"
     fake.mkdir()
     (fake / "systemctl").write_text("#!/bin/sh\nexit 0\n")
     (fake / "systemctl").chmod(0o755)
-    path = f"{fake}:{os.environ['PATH']}"
+    path = f"{fake}:{os.environ['PATH'] if unxz == 'xz' else without_xz(tmp_path)}"
 
     def bash(script: str) -> subprocess.CompletedProcess[str]:
         script = script.replace("STAGE=/var/lib/kubelab/stage", f"STAGE={stage}")
@@ -400,6 +413,8 @@ def test_archives_unpack_on_the_node_and_binaries_install_only_after_their_sha25
                            units=[], files=[], secret_files=[], images=[], dirs=[], checks=[],
                            binaries=[{"name": "bin/kubelet", "sha256": sha, "dest": str(dest)}]))
 
+    assert subprocess.run(["bash", "-c", "command -v xz"], env={"PATH": path}, capture_output=True).returncode == \
+        (0 if unxz == "xz" else 1)
     first = unpack(sha256_file(archive))
     assert first.returncode == 0, first.stderr
     assert "2 files unpacked and checked" in first.stdout
@@ -418,7 +433,7 @@ def test_archives_unpack_on_the_node_and_binaries_install_only_after_their_sha25
     unchecked = install(good)
     assert unchecked.returncode != 0 and "was not unpacked" in unchecked.stderr and not dest.exists()
     (stage / "bin/kubelet").unlink()
-    (stage / "node.tar.zst").write_bytes(archive.read_bytes()[:-100] + b"\0" * 100)
+    (stage / "node.tar.xz").write_bytes(archive.read_bytes()[:-100] + b"\0" * 100)
     tampered = unpack(sha256_file(archive))
     assert tampered.returncode != 0 and "is not the archive that was uploaded" in tampered.stderr
     assert not (stage / "bin/kubelet").exists() and not list(stage.glob(".unpack.*"))
@@ -505,22 +520,3 @@ def test_etcd_restore_script_is_for_this_member_and_bumps_the_revision(module_ca
     timer = files["/etc/systemd/system/etcd-backup.timer"]
     assert "OnUnitActiveSec=6h" in timer
     assert "ExecStart=/usr/local/lib/kubelab/etcd-backup.sh" in files["/etc/systemd/system/etcd-backup.service"]
-
-
-def test_a_node_without_zstd_is_refused_by_name_before_any_upload(tmp_path):
-    """wait-for-ssh, real bash on a PATH with every host tool but zstd: a static host without
-    zstd fails naming the node, what zstd is for and the command that installs it."""
-    from components.render import render
-
-    nozstd = tmp_path / "bin"
-    nozstd.mkdir()
-    for d in ("/usr/bin", "/bin"):
-        for tool in Path(d).iterdir():
-            if not tool.name.startswith("zstd") and tool.name != "cloud-init" and not (nozstd / tool.name).exists():
-                (nozstd / tool.name).symlink_to(tool)
-    script = render("scripts/wait-for-ssh.sh.j2", node="static-1", machine_id="host-1", install_packages=False)
-    run = subprocess.run(["bash", "-c", script], env={"PATH": str(nozstd)}, capture_output=True, text=True,
-                         timeout=30, check=False)
-    assert run.returncode == 1
-    assert "node 'static-1' has no zstd, which unpacks the binaries: install zstd (apt-get install zstd" in run.stderr
-    assert "is up" not in run.stdout
