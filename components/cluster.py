@@ -14,6 +14,7 @@ from components.network import PodNetwork
 from components.pki import ClusterPki, kubeconfig
 from components.platforms import platform
 from components.registry import Registry
+from components.rollout import Rollout
 from components.transitions import Deployed
 from components.worker import ServiceProxy, WorkerNode
 
@@ -77,12 +78,17 @@ class Cluster(pulumi.ComponentResource):
             return [*control_plane.api_ready, *([lbs[node].step] if node in lbs else [])]
 
         # 8. Nodes that run workloads: containerd → kubelet → kube-proxy (once the API server
-        #    answers; the controllers and scheduler start beside them).
-        workers = [
-            WorkerNode(n, cfg, hosts[n.name], pki, LOCAL_API, api_path(n.name),
-                       pod_network.flanneld[n.name], registry.url if registry else None, opts=child)
-            for n in cfg.workload_nodes
-        ]
+        #    answers; the controllers and scheduler start beside them). On a running cluster
+        #    the workers take a change one at a time after the control plane (whose members
+        #    go one after another): each drained before its steps, uncordoned after them.
+        rollout = Rollout("rollout", cfg, first, [*control_plane.api_ready, *control_plane.ready],
+                          running=before is not None and bool(before.masters), opts=child)
+        workers = []
+        for n in cfg.workload_nodes:
+            workers.append(WorkerNode(n, cfg, hosts[n.name], pki, LOCAL_API, api_path(n.name),
+                                      pod_network.flanneld[n.name], registry.url if registry else None,
+                                      gate=rollout.drain(n), opts=child))
+            rollout.uncordon(n, workers[-1].steps)
 
         # 8b. Masters that run no pods still run kube-proxy: the API server and the host reach
         #    Services (webhooks, aggregated APIs) like every other node.
@@ -117,7 +123,7 @@ class Cluster(pulumi.ComponentResource):
                      "rollout_timeout": "1200s", "marker": DESTROYING_MARK},
             on_delete=("scripts/cluster-destroying.sh.j2", {"marker": DESTROYING_MARK}),
         ), parent=self, depends_on=[*[s for w in workers for s in w.steps], *pod_network.flanneld.values(),
-                                    *addons.steps, *removals, *[p.kube_proxy for p in proxies]], timeout="45m")
+                                    *addons.steps, *removals, *rollout.done(), *[p.kube_proxy for p in proxies]], timeout="45m")
 
         self.apiserver_url = pulumi.Output.concat("https://", fleet.api_endpoint, ":6443")
         self.kubeconfig = kubeconfig(cfg.name, self.apiserver_url, pki.ca.cert, pki.admin, "admin")

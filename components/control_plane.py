@@ -54,6 +54,13 @@ class ControlPlane(pulumi.ComponentResource):
         recorded = (before.etcd_members if before else None) or {}
         running = [m for m in masters if m.machine.name in recorded]
 
+        def one_after(earlier: list[HostAccess], layer: dict[str, pulumi.Resource]) -> list[pulumi.Resource]:
+            """On a running cluster each master's member of a layer (etcd, API server, controllers)
+            changes only after the one before it is done and healthy, so an update (an upgrade
+            above all) never restarts two at once. A new cluster starts them together (etcd's
+            founding members need each other for quorum)."""
+            return [layer[earlier[-1].machine.name]] if before is not None and before.masters and earlier else []
+
         # 1. etcd on every master (founding members start in parallel and wait for quorum; a
         #    member that joins a running cluster does so after the running ones are healthy).
         self.etcd: dict[str, pulumi.Resource] = {}
@@ -106,7 +113,7 @@ class ControlPlane(pulumi.ComponentResource):
                 files=files, secret_files=secrets,
                 context={"join": join is not None},
             ), parent=self, depends_on=[self.etcd[r.machine.name] for r in [*running, *joined[:-1]]]
-                if m in joined else [], timeout="30m")
+                if m in joined else one_after(masters[:i], self.etcd), timeout="30m")
         self.etcd_members = pulumi.Output.all(**members).apply(
             lambda ms: {n: {"initialCluster": m.initial_cluster, "initialClusterState": m.state} for n, m in ms.items()})
         etcd_all = list(self.etcd.values())
@@ -211,7 +218,7 @@ class ControlPlane(pulumi.ComponentResource):
                               SecretFile("/etc/kubernetes/encryption-config.yaml", encryption),
                               SecretFile("/etc/kubernetes/admin.kubeconfig", admin_local)],
                 checks=[Check("/usr/local/bin/kubectl --kubeconfig /etc/kubernetes/admin.kubeconfig get --raw /readyz", tries=90)],
-            ), parent=self, depends_on=etcd_all)
+            ), parent=self, depends_on=[*etcd_all, *one_after(masters[:masters.index(m)], self.apiserver)])
         api_all = list(self.apiserver.values())
 
         # 5. Let the API server reach kubelets (logs, exec, port-forward) under RBAC.
@@ -221,7 +228,7 @@ class ControlPlane(pulumi.ComponentResource):
 
         # 6. controller-manager and scheduler on every master, after its API server.
         self.controller_manager, self.scheduler = {}, {}
-        for m in masters:
+        for i, m in enumerate(masters):
             n = m.machine.name
             cm_kc = kubeconfig(cfg.name, LOCAL_API, pki.ca.cert, pki.controller_manager, "system:kube-controller-manager")
             self.controller_manager[n] = m.step("kube-controller-manager", "scripts/install-service.sh.j2", StepSpec(
@@ -232,7 +239,7 @@ class ControlPlane(pulumi.ComponentResource):
                 secret_files=[SecretFile("/etc/kubernetes/pki/ca.key", pki.ca.key),
                               SecretFile("/etc/kubernetes/kube-controller-manager.kubeconfig", cm_kc)],
                 checks=[Check("curl -sfk https://127.0.0.1:10257/healthz -o /dev/null")],
-            ), parent=self, depends_on=[self.apiserver[n]])
+            ), parent=self, depends_on=[self.apiserver[n], *one_after(masters[:i], self.controller_manager)])
             sched_kc = kubeconfig(cfg.name, LOCAL_API, pki.ca.cert, pki.scheduler, "system:kube-scheduler")
             self.scheduler[n] = m.step("kube-scheduler", "scripts/install-service.sh.j2", StepSpec(
                 units=["kube-scheduler"],
@@ -240,7 +247,7 @@ class ControlPlane(pulumi.ComponentResource):
                 files=[File("/etc/systemd/system/kube-scheduler.service", render("systemd/kube-scheduler.service.j2"))],
                 secret_files=[SecretFile("/etc/kubernetes/kube-scheduler.kubeconfig", sched_kc)],
                 checks=[Check("curl -sfk https://127.0.0.1:10259/healthz -o /dev/null")],
-            ), parent=self, depends_on=[self.apiserver[n]])
+            ), parent=self, depends_on=[self.apiserver[n], *one_after(masters[:i], self.scheduler)])
 
         # What a node's kubelet and kube-proxy need: an API server answering on every master
         # (not the controllers: they need nothing from a node to start, nor a node from them).

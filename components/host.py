@@ -84,6 +84,10 @@ class StepSpec:
     # A delete script of its own (template, context) instead of the teardown: for steps whose
     # removal means more than removing files, on every platform (a node leaving the cluster).
     on_delete: tuple[str, dict[str, object]] | None = None
+    # An update script of its own (template, context), run instead of the create script when
+    # the step changes: for steps whose first run and later runs differ (a drain before an
+    # upgrade, nothing on a new node).
+    update: tuple[str, dict[str, object]] | None = None
 
 
 def as_root(script: str, user: str) -> str:
@@ -204,17 +208,19 @@ class HostAccess(pulumi.ComponentResource):
         images = [{"name": rel, "sha256": self.bundle.get(rel).sha256} for rel in spec.images]
         secret_ctx = [{"name": str(i), "path": f.path, "mode": f.mode} for i, f in enumerate(spec.secret_files)]
 
-        def script(values: list[str]) -> str:
+        def script(values: list[str], template: str = template, context: dict[str, object] = spec.context) -> str:
             ident, contents = values[0], values[1:]
             files = [{"path": f.path, "mode": f.mode, "content": _nl(c)} for f, c in zip(spec.files, contents, strict=True)]
             return as_root(render(
                 template, node=machine.name, machine_id=ident, step=name, units=list(spec.units), files=files,
                 secret_files=secret_ctx, binaries=binaries, images=images,
                 dirs=[{"path": p, "mode": m} for p, m in spec.dirs],
-                checks=list(spec.checks), **spec.context,
+                checks=list(spec.checks), **context,
             ), machine.user)
 
-        create = pulumi.Output.all(machine.identity, *[f.content for f in spec.files]).apply(script)
+        inputs = pulumi.Output.all(machine.identity, *[f.content for f in spec.files])
+        create = inputs.apply(script)
+        update = inputs.apply(lambda v: script(v, *spec.update)) if spec.update else None
         stdin = None
         if spec.secret_files:
             stdin = pulumi.Output.secret(
@@ -232,6 +238,7 @@ class HostAccess(pulumi.ComponentResource):
             f"{machine.name}-{name}",
             connection=machine.connection(),
             create=create,
+            update=update,
             # No step reads its previous output; passing it would warn on every update (sshd
             # accepts no such environment variables).
             add_previous_output_in_env=False,

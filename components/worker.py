@@ -50,11 +50,12 @@ class WorkerNode(pulumi.ComponentResource):
     def __init__(self, node: NodeSpec, cfg: ClusterConfig, host: HostAccess, pki: ClusterPki,
                  api_server: pulumi.Input[str], api_ready: Sequence[pulumi.Resource],
                  flanneld: pulumi.Resource, registry_url: pulumi.Input[str] | None,
-                 opts: pulumi.ResourceOptions | None = None):
+                 gate: Sequence[pulumi.Resource] = (), opts: pulumi.ResourceOptions | None = None):
         super().__init__("kubelab:worker:WorkerNode", node.name, None, opts)
         self.node = node.name
         v, net = cfg.versions, cfg.network
         ready = list(api_ready)
+        gate = list(gate)  # what every step here waits for first (the rollout's drain of this node)
         self.steps: list[pulumi.Resource] = []
 
         # 0. Where the platform has a metadata service holding the machine's secrets
@@ -66,7 +67,7 @@ class WorkerNode(pulumi.ComponentResource):
                 units=["kubelab-metadata-block"],
                 files=[File("/etc/systemd/system/kubelab-metadata-block.service", render(
                     "systemd/kubelab-metadata-block.service.j2", pod_cidr=net.pod_cidr, metadata_address=metadata))],
-            ), parent=self)
+            ), parent=self, depends_on=gate)
             first = [block]
             self.steps.append(block)
 
@@ -94,7 +95,7 @@ class WorkerNode(pulumi.ComponentResource):
             remove=["/etc/containerd", "/var/lib/containerd", "/run/containerd", "/opt/cni", "/var/lib/cni"],
             # containerd's KillMode=process leaves shims and containers running: stop them too.
             cleanup=["pkill -f '^/usr/local/bin/containerd-shim-runc-v2 '", "ip link delete cni0"],
-        ), parent=self, depends_on=[*first, *(ready if node.role == "master" else [])])
+        ), parent=self, depends_on=[*gate, *first, *(ready if node.role == "master" else [])])
 
         # 2. kubelet: node client certificate (Node authorizer) and serving certificate.
         kubelet_kc = kubeconfig(cfg.name, api_server, pki.ca.cert, pki.kubelet_client[node.name], f"system:node:{node.name}")
@@ -115,10 +116,10 @@ class WorkerNode(pulumi.ComponentResource):
                           SecretFile("/var/lib/kubelet/kubeconfig", kubelet_kc)],
             context={"upstream_dns": list(net.upstream_dns)},
             remove=["/etc/kubernetes/resolv.conf", "/etc/kubernetes/resolv.conf.kubelab", "/var/lib/kubelet"],
-        ), parent=self, depends_on=[*ready, self.containerd, flanneld])
+        ), parent=self, depends_on=[*gate, *ready, self.containerd, flanneld])
 
         # 3. kube-proxy (iptables mode).
-        self.kube_proxy = kube_proxy_step(cfg, host, pki, api_server, self, [*ready, self.containerd])
+        self.kube_proxy = kube_proxy_step(cfg, host, pki, api_server, self, [*gate, *ready, self.containerd])
 
         self.steps += [self.containerd, self.kubelet, self.kube_proxy]
         self.register_outputs({"node": node.name, "role": node.role})

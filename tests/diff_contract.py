@@ -81,7 +81,9 @@ def patch_updates(changed_files: set[str] | frozenset[str], creates: dict[str, s
     files = {n for n in dependencies if "-upload-" in n and n.split("-upload-", 1)[1] in dashed}
     installs = {n for n, c in creates.items() if any(f"install_bin {f} " in c for f in changed_files)}
     installs |= {n for n, deps in dependencies.items() if n not in files and files & set(deps)}
-    return {n: "update" for n in sorted(unpacks | archives | files | installs)}
+    # Each worker's drain and uncordon steps name the versions it runs (components/rollout.py).
+    rollout = {n for n in creates if "-drain-" in n or "-uncordon-" in n} if changed_files else set()
+    return {n: "update" for n in sorted(unpacks | archives | files | installs | rollout)}
 
 
 def _more_workers(raw: dict) -> None:
@@ -106,7 +108,8 @@ CASES = [
          "identity); no other node's", _more_master_memory, "memory"),
     Case(f"a Kubernetes patch version (`versions.kubernetes: {OTHER_KUBERNETES_PATCH}`, pinned: "
          f"{load_versions()['node']['kubernetes']})", "an update of each node archive holding a changed binary (its upload "
-         "and unpack step) and of each step that installs one, nothing else (no machine, no other step)", _other_patch,
+         "and unpack step), of each step that installs one and of each worker's drain and uncordon steps (they name "
+         "the versions it runs: the update drains it first), nothing else (no machine, no other step)", _other_patch,
          "install_bin bin/kube-apiserver"),
 ]
 

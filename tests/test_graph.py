@@ -26,7 +26,9 @@ SECRET_SIG = "4dabf18193072939515e22adb298388d"
 MASTER_STEPS_1_2 = {"wait-for-ssh", "etcd", "etcd-auth", "etcd-backup", "flannel-network-config", "kube-apiserver", "rbac-apiserver-to-kubelet",
                     "kube-controller-manager", "kube-scheduler", "flanneld", "kube-proxy", "addon-coredns",
                     "addon-metrics-server", "cluster-ready", "registry",
-                    "remove-node-worker-1", "remove-node-worker-2", "unpack-etcd", "unpack-kubernetes"}
+                    "remove-node-worker-1", "remove-node-worker-2", "unpack-etcd", "unpack-kubernetes",
+                    # the rollout's steps around each worker (no-ops on create)
+                    "drain-worker-1", "uncordon-worker-1", "drain-worker-2", "uncordon-worker-2"}
 WORKER_STEPS = {"wait-for-ssh", "unpack-node", "apiserver-lb", "flanneld", "containerd", "kubelet", "kube-proxy"}
 # Binaries travel as archives (binaries.node_archives); image archives one by one.
 MASTER_UPLOADS = {"etcd", "kubernetes"}
