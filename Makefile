@@ -20,7 +20,7 @@ export PULUMI_PYTHON_CMD ?= $(CURDIR)/$(VENV)/bin/python
 LAB := $(PYTHON) lab/harness.py
 IN_LAB := ip netns exec kubelab
 
-.PHONY: help venv test lint test-deps build-deps tools bundle lab-deps image engine e2e e2e-seed000 e2e-seed000-ha e2e-1plus4 e2e-ha e2e-grow e2e-static lab-stack up down kubectl preview etcd-backup etcd-restore
+.PHONY: help venv test lint test-deps build-deps tools bundle lab-deps image engine e2e e2e-seed000 e2e-seed000-ha e2e-1plus4 e2e-ha e2e-grow e2e-upgrade e2e-static lab-stack up down kubectl preview etcd-backup etcd-restore
 
 help:
 	@echo "make up       build everything needed and bring up the '$(STACK)' stack (1 master + 2 workers on libvirt)"
@@ -106,6 +106,10 @@ e2e-ha: venv bundle image lab-deps
 # 1 master + 1 worker; a second master joins (etcd member add, as a learner) and leaves (#12).
 e2e-grow: venv bundle image lab-deps
 	KUBELAB_E2E_TOPOLOGY=grow KUBELAB_E2E_RECREATE=0 $(VENV)/bin/pytest -m e2e -s tests/test_e2e.py
+
+# 1 master + 2 workers at Kubernetes 1.36.4, upgraded live to 1.37.2 while a Service is probed (#12).
+e2e-upgrade: venv bundle image lab-deps
+	KUBELAB_E2E_TOPOLOGY=upgrade KUBELAB_E2E_RECREATE=0 $(VENV)/bin/pytest -m e2e -s tests/test_e2e.py
 
 e2e-static: venv bundle image lab-deps
 	$(VENV)/bin/pytest -m e2e -s tests/test_static_e2e.py

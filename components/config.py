@@ -25,7 +25,7 @@ ROLES = ("master", "worker")
 
 # Oldest and newest minor versions the templates are written and tested for.
 SUPPORTED = {
-    "kubernetes": ((1, 33), (1, 36)),
+    "kubernetes": ((1, 33), (1, 37)),
     "etcd": ((3, 5), (3, 6)),
     "containerd": ((2, 1), (2, 3)),  # config version 3 with cni.bin_dirs
     "runc": ((1, 2), (1, 5)),

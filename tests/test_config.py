@@ -72,7 +72,7 @@ CASES = [
     ("malformed-version", lambda r: r.update(versions={"kubernetes": "1.36"}),
      ["versions.kubernetes", "MAJOR.MINOR.PATCH"]),
     ("unsupported-version", lambda r: r.update(versions={"kubernetes": "1.20.15"}),
-     ["versions.kubernetes", "not supported", "1.33 to 1.36"]),
+     ["versions.kubernetes", "not supported", "1.33 to 1.37"]),
     ("unsupported-containerd", lambda r: r.update(versions={"containerd": "1.7.20"}),
      ["versions.containerd", "not supported"]),
     ("unknown-version-key", lambda r: r.update(versions={"docker": "20.10.0"}),

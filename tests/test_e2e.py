@@ -47,6 +47,8 @@ RECREATE = os.environ.get("KUBELAB_E2E_RECREATE", "1") != "0"
 # leave them to `make e2e` (KUBELAB_E2E_MACHINES=0 in .ci/run), which runs them.
 MACHINES = os.environ.get("KUBELAB_E2E_MACHINES", "1") != "0"
 NAME = "kubelab-e2e"
+# The upgrade topology: from the pinned release to the next minor's (both built into bundles).
+UPGRADE_FROM, UPGRADE_TO = "1.36.4", "1.37.2"
 NODE_CIDR = "10.241.0.0/24"
 TIMINGS = REPO / ".e2e" / ("timings.json" if TOPOLOGY == "1+2" else f"timings-{TOPOLOGY}.json")
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
@@ -322,6 +324,8 @@ def apply_topology(raw: dict, topology: str) -> dict:
       is stopped and started again while the cluster keeps serving (``verify_master_outage``).
     - ``grow``: one master and one worker; a second master joins the running cluster and
       leaves it again (``verify_master_join_leave``): etcd members added and removed live.
+    - ``upgrade``: the dev stack at Kubernetes ``UPGRADE_FROM``, upgraded live to ``UPGRADE_TO``
+      while a Service is probed once a second (``verify_rolling_upgrade``).
     - ``seed000-ha``: every host a master that also runs pods, so etcd is on all three as in
       seed 000, with an apiserver on each too. Under TCG on 2 host cores this is more than the
       machine gives (measured: etcd slower than its clients' deadlines, a master unreachable).
@@ -343,8 +347,10 @@ def apply_topology(raw: dict, topology: str) -> dict:
         # The dev stack's masters (2 vCPUs): with one, the first master's API server timed
         # requests out under TCG (measured) and a joining member's API server never got ready.
         raw["workers"] = {**raw.get("workers", {}), "count": 1}
+    elif topology == "upgrade":
+        raw["versions"] = {**(raw.get("versions") or {}), "kubernetes": UPGRADE_FROM}
     elif topology != "1+2":
-        raise ValueError(f"KUBELAB_E2E_TOPOLOGY={topology!r}: choose 1+2, 1+4, ha, grow, seed000 or seed000-ha")
+        raise ValueError(f"KUBELAB_E2E_TOPOLOGY={topology!r}: choose 1+2, 1+4, ha, grow, upgrade, seed000 or seed000-ha")
     return raw
 
 
@@ -379,9 +385,16 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
     # The node archives (binaries.prepare_archives) are made once per bundle on the deploy host,
     # like the bundle itself: made (or found) now, before any VM competes for the CPU, for this
     # stack and for the patch case's bundle, and timed apart from `pulumi up`.
+    upgrade = [{"kubernetes": UPGRADE_TO}] if TOPOLOGY == "upgrade" else []
+    for versions in upgrade:  # the upgrade's target release, built (or found) before the VMs start
+        if not (diff_contract.bundle_dir(versions) / ".done").exists():
+            from bundle_build import build_bundle  # tools/bundle_build.py
+
+            log(f"building the node bundle for {versions} (the rolling upgrade's target)")
+            build_bundle({}, overrides=versions)
     raw = cluster_config(prerequisites, netcheck_image(tmp_path))
     t0 = time.monotonic()
-    for versions in ({}, diff_contract.PATCH_VERSIONS):
+    for versions in ({}, diff_contract.PATCH_VERSIONS, *upgrade):
         prepare = ("import json, sys\nfrom components.binaries import prepare_archives, resolve\n"
                    "from components.config import parse_cluster_config\n"
                    "cfg = parse_cluster_config(json.load(sys.stdin), 'e2e')\n"
@@ -474,6 +487,8 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         if TOPOLOGY == "grow":
             verify_master_join_leave(project, raw, nodes_cfg, up, in_ns, kubeconfig, kubectl_bin, prerequisites["key"],
                                      lab, t)
+        if TOPOLOGY == "upgrade":
+            verify_rolling_upgrade(project, raw, nodes_cfg, up, in_ns, kubeconfig, kubectl_bin, t)
         verify_registry(in_ns, kubeconfig, outputs["registryUrl"], nodes_cfg, tmp_path)
         verify_dashboard(in_ns, kubeconfig, kubectl_bin)
         verify_security(in_ns, kubeconfig, kubectl_bin, nodes_cfg[0]["address"], prerequisites["key"], raw["network"]["etcd_prefix"])
@@ -520,7 +535,9 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         # --- the pull-request diff contract: each change previewed against the live stack ----
         t0 = time.monotonic()
         t["diff_contract"] = []
-        for case in diff_contract.CASES if TOPOLOGY != "grow" else []:  # grow: the master changes instead
+        # grow: the master changes instead; upgrade: the version change instead (its patch case
+        # would go back a minor from the upgraded release)
+        for case in diff_contract.CASES if TOPOLOGY not in ("grow", "upgrade") else []:
             result = diff_contract.run_case(project, raw, nodes_cfg, case)
             t["diff_contract"].append(result)
             t.save()
@@ -787,6 +804,135 @@ def verify_master_join_leave(project: Project, raw: dict, nodes_cfg: list[dict],
     t["master_join_leave"] = out
     t.save()
     log(f"master leave: {new} removed from etcd, then its machine ({out['leave_s']} s); etcd has 1 member")
+
+
+UPGRADE_WEB = "upgrade-web"
+
+
+def upgrade_workload(replicas: int) -> str:
+    """What the rolling upgrade must keep serving: a Deployment spread over the workers behind
+    a Service, with a PodDisruptionBudget that lets a drain evict one pod at a time. A pod being
+    evicted keeps serving for a few seconds (preStop sleep) while every node's kube-proxy drops it
+    from the Service, as a production workload would."""
+    labels = {"app": UPGRADE_WEB}
+    return yaml.safe_dump_all([
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": UPGRADE_WEB},
+         "spec": {"replicas": replicas, "selector": {"matchLabels": labels}, "template": {
+             "metadata": {"labels": labels},
+             "spec": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                                      "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": labels}}],
+                      "terminationGracePeriodSeconds": 30,
+                      "containers": [{"name": "netcheck", "image": "kubelab.local/netcheck:e2e", "args": ["serve"],
+                                      "imagePullPolicy": "IfNotPresent",
+                                      "lifecycle": {"preStop": {"sleep": {"seconds": 10}}},
+                                      "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 2}}]}}}},
+        {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": UPGRADE_WEB},
+         "spec": {"minAvailable": 1, "selector": {"matchLabels": labels}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": UPGRADE_WEB},
+         "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]}},
+    ])
+
+
+def upgrade_probe(url: str) -> str:
+    """The probe: a DaemonSet (a drain leaves its pods alone), one GET a second on every worker."""
+    labels = {"app": "upgrade-probe"}
+    return yaml.safe_dump({
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "upgrade-probe"},
+        "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {
+            "containers": [{"name": "probe", "image": "kubelab.local/netcheck:e2e", "args": ["probe", url],
+                            "imagePullPolicy": "IfNotPresent"}]}}}})
+
+
+def verify_rolling_upgrade(project: Project, raw: dict, nodes_cfg: list[dict], up, in_ns, kubeconfig: Path,
+                           kubectl_bin: str, t: Timings) -> None:
+    """``versions.kubernetes`` UPGRADE_FROM -> UPGRADE_TO on the live stack (the lifecycle
+    issue's rolling upgrade): the preview plans updates only, among them each worker's drain and
+    uncordon; `pulumi up` changes the control plane first, then one worker at a time between its
+    drain and its uncordon; every node and the API server report the new version; a Service
+    probed once a second from every worker through the whole `pulumi up` failed no request; a
+    preview after it is clean."""
+    kubectl = [kubectl_bin, "--kubeconfig", str(kubeconfig)]
+    masters = [n["name"] for n in nodes_cfg if n["role"] == "master"]
+    workers = [n["name"] for n in nodes_cfg if n["role"] == "worker"]
+    first, want = masters[0], f"v{UPGRADE_TO}"
+    out: dict[str, object] = {"from": UPGRADE_FROM, "to": UPGRADE_TO}
+
+    in_ns(*kubectl, "apply", "-f", "-", input=upgrade_workload(len(workers)))
+    in_ns(*kubectl, "rollout", "status", f"deployment/{UPGRADE_WEB}", "--timeout=600s", timeout=660)
+    ip = in_ns(*kubectl, "get", "service", UPGRADE_WEB, "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
+    # By ClusterIP: what is measured is the Service, not CoreDNS (whose pods the drains move too).
+    in_ns(*kubectl, "apply", "-f", "-", input=upgrade_probe(f"http://{ip}/"))
+    in_ns(*kubectl, "rollout", "status", "daemonset/upgrade-probe", "--timeout=600s", timeout=660)
+
+    def probe_lines() -> list[tuple[str, int, str]]:
+        pods = json.loads(in_ns(*kubectl, "get", "pods", "-l", "app=upgrade-probe", "-o", "json").stdout)["items"]
+        lines = []
+        for p in pods:
+            text = in_ns(*kubectl, "logs", p["metadata"]["name"], timeout=120).stdout
+            for ln in text.splitlines():
+                parts = ln.split(" ", 2)
+                if len(parts) >= 2 and parts[0] in ("ok", "FAIL") and parts[1].isdigit():
+                    lines.append((parts[0], int(parts[1]), p["spec"]["nodeName"] + ": " + ln))
+        return lines
+
+    deadline = time.monotonic() + 300
+    while sum(1 for r in probe_lines() if r[0] == "ok") < 5 * len(workers):
+        assert time.monotonic() < deadline, f"the probe never answered: {probe_lines()[-10:]}"
+        time.sleep(5)
+
+    newer = json.loads(json.dumps(raw))
+    newer["versions"] = {**(newer.get("versions") or {}), "kubernetes": UPGRADE_TO}
+    project.set_cluster(newer)
+    ops, _ = diff_contract.planned_ops(project, f"versions.kubernetes {UPGRADE_TO}")
+    out["planned"] = {op: sum(1 for v in ops.values() if v == op) for op in sorted(set(ops.values()))}
+    out["planned_steps"] = sorted(ops)
+    t["rolling_upgrade"] = out
+    t.save()
+    assert set(ops.values()) == {"update"}, f"the upgrade plans more than updates: {ops}"
+    for w in workers:
+        assert {f"{first}-drain-{w}", f"{first}-uncordon-{w}", f"{w}-kubelet", f"{w}-kube-proxy"} <= set(ops), sorted(ops)
+    for m in masters:
+        assert {f"{m}-kube-apiserver", f"{m}-kube-controller-manager", f"{m}-kube-scheduler"} <= set(ops), sorted(ops)
+    assert not any(k.endswith("-etcd") or k.endswith("-containerd") for k in ops), sorted(ops)
+    log(f"rolling upgrade to {UPGRADE_TO}: {out['planned']} planned")
+
+    started = time.time()
+    out["up_s"], run = up("upgrade", timeout=5400)
+    ended = time.time()
+    times = run["times"]
+    # The order: the control plane, then each worker between its drain and its uncordon, in turn.
+    control = [times[f"{m}-{s}"] for m in masters for s in ("kube-apiserver", "kube-controller-manager", "kube-scheduler")]
+    previous_end, order = max(e for _, e in control), []
+    for w in workers:
+        drain, uncordon, kubelet = times[f"{first}-drain-{w}"], times[f"{first}-uncordon-{w}"], times[f"{w}-kubelet"]
+        assert drain[0] >= previous_end - 1, f"{w}'s drain started before the step before it ended: {drain} vs {previous_end}"
+        assert drain[1] <= kubelet[0] and kubelet[1] <= uncordon[0], f"{w}: drain {drain}, kubelet {kubelet}, uncordon {uncordon}"
+        order.append({"node": w, "drain_s": round(drain[1] - drain[0], 1), "steps_s": round(uncordon[0] - drain[1], 1),
+                      "uncordon_s": round(uncordon[1] - uncordon[0], 1)})
+        previous_end = uncordon[1]
+    out["order"] = order
+
+    nodes = json.loads(in_ns(*kubectl, "get", "nodes", "-o", "json").stdout)["items"]
+    versions = {n["metadata"]["name"]: n["status"]["nodeInfo"]["kubeletVersion"] for n in nodes}
+    out["node_versions"] = versions
+    server = json.loads(in_ns(*kubectl, "version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
+    out["apiserver_version"] = server
+    cordoned = [n["metadata"]["name"] for n in nodes if n["spec"].get("unschedulable")]
+    lines = [r for r in probe_lines() if started <= r[1] <= ended]
+    failed = [r[2] for r in lines if r[0] == "FAIL"]
+    out["probe"] = {"requests": len(lines), "failed": len(failed), "first_failures": failed[:10]}
+    t["rolling_upgrade"] = out
+    t.save()
+    assert set(versions.values()) == {want} and server == want, (versions, server)
+    assert cordoned == [], f"still cordoned after the upgrade: {cordoned}"
+    assert len(lines) >= 0.5 * len(workers) * (ended - started), f"the probe ran {len(lines)} times in {ended - started:.0f} s"
+    assert failed == [], f"{len(failed)} of {len(lines)} probe requests failed during the upgrade: {failed[:10]}"
+    proc = project.run("preview", "--expect-no-changes", check=False, timeout=1200)
+    assert proc.returncode == 0, f"preview after the upgrade planned changes:\n{proc.stdout[-8000:]}"
+    raw["versions"] = newer["versions"]  # the stack runs the new release from here on
+    in_ns(*kubectl, "delete", "daemonset/upgrade-probe", f"deployment/{UPGRADE_WEB}", f"service/{UPGRADE_WEB}",
+          f"pdb/{UPGRADE_WEB}", "--wait=true", "--timeout=300s", timeout=360)
+    log(f"rolling upgrade: {out['up_s']} s, every node {want}, {len(lines)} probe requests, {len(failed)} failed")
 
 
 def spread_deployment(replicas: int) -> str:

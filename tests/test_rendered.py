@@ -286,9 +286,10 @@ def test_remote_scripts_are_valid_bash_and_fail_loudly(lab_files):
         assert "set -Eeuo pipefail" in script, r.name  # -E: the ERR trap also fires inside functions
         proc = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, check=False)
         assert proc.returncode == 0, f"{r.name}: {proc.stderr}"
-        if r.inputs.get("delete"):
-            proc = subprocess.run(["bash", "-n"], input=unwrap(r.inputs["delete"]), capture_output=True, text=True, check=False)
-            assert proc.returncode == 0, f"{r.name} delete: {proc.stderr}"
+        for side in ("update", "delete"):
+            if r.inputs.get(side):
+                proc = subprocess.run(["bash", "-n"], input=unwrap(r.inputs[side]), capture_output=True, text=True, check=False)
+                assert proc.returncode == 0, f"{r.name} {side}: {proc.stderr}"
 
 
 def test_teardown_never_kills_its_own_shell(module_cache):

@@ -4,6 +4,8 @@
 //	netcheck serve            HTTP on :8080, answers with the pod's hostname
 //	netcheck get URL          GET URL, print the body, exit 1 unless 200
 //	netcheck lookup NAME      resolve NAME through the pod's resolv.conf (CoreDNS)
+//	netcheck probe URL        GET URL once a second, forever: one line per request,
+//	                          "ok <unix seconds> <body>" or "FAIL <unix seconds> <error>"
 //	netcheck webhook CERT KEY a validating admission webhook on :8443 (TLS from CERT/KEY):
 //	                          denies objects labelled kubelab.io/deny=true, admits the rest
 package main
@@ -61,7 +63,7 @@ func validate(w http.ResponseWriter, r *http.Request) {
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: netcheck serve | get URL | lookup NAME | webhook CERT KEY")
+		fmt.Fprintln(os.Stderr, "usage: netcheck serve | get URL | lookup NAME | probe URL | webhook CERT KEY")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -84,6 +86,25 @@ func main() {
 		fmt.Print(string(body))
 		if resp.StatusCode != http.StatusOK {
 			os.Exit(1)
+		}
+	case "probe":
+		// A fresh connection per request (no keep-alive), so each one goes through the
+		// Service's rules as a new client's would.
+		client := http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+		for tick := time.NewTicker(time.Second); ; <-tick.C {
+			now := time.Now().Unix()
+			resp, err := client.Get(os.Args[2])
+			if err != nil {
+				fmt.Printf("FAIL %d %v\n", now, err)
+				continue
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				fmt.Printf("FAIL %d status %d\n", now, resp.StatusCode)
+				continue
+			}
+			fmt.Printf("ok %d %s", now, body)
 		}
 	case "webhook":
 		mux := http.NewServeMux()
