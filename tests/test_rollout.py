@@ -119,3 +119,18 @@ def test_a_drain_that_cannot_finish_stops_the_update(module_cache, tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "node worker-1 did not drain within 600s" in proc.stderr and "kubectl get pdb -A" in proc.stderr
     assert "drained" not in proc.stdout.replace("drain it first", "")
+
+
+def test_a_node_already_at_the_version_is_not_drained(module_cache, tmp_path):
+    """The drain's update also runs when the first master is replaced: a node that reports the
+    target kubelet is left alone (real bash, a kubectl that answers for the node)."""
+    g = lab(module_cache, kubernetes="1.36.3")
+    script = unwrap(g.one("master-1-drain-worker-1").inputs["update"])
+    fake = tmp_path / "kubectl"
+    fake.write_text('#!/bin/bash\ncase " $* " in *" drain "*|*" cordon "*) echo "must not $*" >&2; exit 1 ;;\n'
+                    '  *kubeletVersion*) printf v1.36.3 ;; esac\nexit 0\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", "-c", script.replace("/usr/local/bin/kubectl", str(fake))],
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "node worker-1 already runs kubelet v1.36.3: nothing to drain" in proc.stdout
