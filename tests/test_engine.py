@@ -54,8 +54,8 @@ def test_libvirt_preview_against_real_libvirtd(tmp_path, lab_daemons):
     assert types["tls:index/locallySignedCert:LocallySignedCert"] == 21
     # 25 install steps (etcd-backup, registry) + a remove-node step per worker + an unpack step
     # per node archive (etcd and kubernetes on the master, node on each worker) + an
-    # apiserver-lb step per worker
-    assert types["command:remote:Command"] == 27 + 2 + 1 + 1 + 2
+    # apiserver-lb step per worker + the rollout's drain and uncordon per worker
+    assert types["command:remote:Command"] == 27 + 2 + 1 + 1 + 2 + 4
     # the node archives, and the three images the master's registry is seeded with (workers pull)
     assert types["command:remote:CopyToRemote"] == (2 + 3) + 1 + 1
     names = {s["name"] for s in steps}
@@ -78,7 +78,7 @@ def test_digitalocean_preview_with_dummy_token_offline(tmp_path):
     assert types["digitalocean:index/firewall:Firewall"] == 1
     assert types["digitalocean:index/tag:Tag"] == 3
     assert types["digitalocean:index/project:Project"] == 1
-    assert types["command:remote:Command"] == 32 + 2  # as libvirt, plus a metadata-block step per worker
+    assert types["command:remote:Command"] == 32 + 2 + 4  # as libvirt, plus a metadata-block step per worker
 
 
 def test_static_hosts_preview_offline(tmp_path):
@@ -91,7 +91,8 @@ def test_static_hosts_preview_offline(tmp_path):
     assert "static.hosts[svr002]: no host_key" in proc.stdout + proc.stderr  # trust on first use is said out loud
     types = count_by_type(steps)
     assert not [t for t in types if t.startswith(("libvirt:", "digitalocean:"))], types
-    assert types["command:remote:Command"] == 26 + 4 + 2  # with an unpack step per node archive, an apiserver-lb per worker
+    # with an unpack step per node archive, an apiserver-lb per worker, a drain and an uncordon per worker
+    assert types["command:remote:Command"] == 26 + 4 + 2 + 4
     # with metrics-server serving, etcd backup client, the load balancers' health check
     assert types["tls:index/locallySignedCert:LocallySignedCert"] == 20
     names = {s["name"] for s in steps}
