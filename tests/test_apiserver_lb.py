@@ -51,6 +51,33 @@ def certs(tmp_path_factory) -> Path:
     return tmp
 
 
+class _TLSServer(ThreadingHTTPServer):
+    """An HTTPS server that does each TLS handshake in the request's own thread.
+
+    Wrapping the listening socket instead does the handshake inside ``accept()``, and a client
+    that hangs up mid-handshake (haproxy's health checks do, and so does its plain TCP probe)
+    then leaks the half-made ``SSLSocket`` there: a ResourceWarning that fails the test at
+    random. Here the socket is wrapped, used and closed in one place, and a peer that goes away
+    is not an error.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], ctx: ssl.SSLContext):
+        super().__init__(address, handler)
+        self.ctx = ctx
+
+    def finish_request(self, request, client_address) -> None:  # type: ignore[override]
+        try:
+            with self.ctx.wrap_socket(request, server_side=True) as tls:
+                self.RequestHandlerClass(tls, client_address, self)
+        except (ssl.SSLError, ConnectionError, TimeoutError):
+            pass  # the client went away during the handshake or the reply
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # nothing but a departed client reaches here (see finish_request)
+
+
 class FakeApiServer:
     """An HTTPS server that wants a client certificate: ``/readyz`` answers 200 while
     ``ready``, 500 otherwise (as kube-apiserver does); ``/whoami`` names the server."""
@@ -77,8 +104,7 @@ class FakeApiServer:
         ctx.load_cert_chain(certs / "server.crt", certs / "server.key")
         ctx.load_verify_locations(certs / "ca.crt")
         ctx.verify_mode = ssl.CERT_REQUIRED
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.httpd = _TLSServer(("127.0.0.1", 0), Handler, ctx)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
