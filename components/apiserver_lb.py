@@ -56,7 +56,8 @@ class ApiServerLoadBalancer(pulumi.ComponentResource):
             secret_files=[SecretFile(f"{CONFIG_DIR}/healthcheck.pem", pem)],
             context={"install_packages": host.machine.installs_packages},
             # It accepts once it listens, whether or not a master answers yet (the kubelet waits
-            # for the API servers itself); haproxy marks a master up two checks after /readyz.
+            # for the API servers itself); haproxy marks a master up two checks after /readyz (and
+            # connects unchecked while none is up).
             checks=[Check(f"bash -c '</dev/tcp/{LISTEN.replace(':', '/')}'", tries=30, pause=1)],
         ), parent=self)
         self.register_outputs({"node": node})

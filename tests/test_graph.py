@@ -216,8 +216,10 @@ def test_nodes_reach_the_api_through_their_own_load_balancer(request, graph):
             assert g.depends_on(g.one(f"{node}-{step}"), lb), f"{node}-{step}"
         config = re.search(r"^put \d+ /etc/kubelab/apiserver-lb/haproxy.cfg <<'KUBELAB_EOF'\n(.*?)^KUBELAB_EOF$",
                            unwrap(lb.inputs["create"]), re.M | re.S).group(1)
-        servers = re.findall(r"^  server (\S+) (\S+)$", config, re.M)
-        assert servers == [(f"master-{i}", f"10.240.0.{10 + i}:6443") for i in range(1, len(apiservers) + 1)], node
+        masters = [(f"master-{i}", f"10.240.0.{10 + i}:6443") for i in range(1, len(apiservers) + 1)]
+        assert re.findall(r"^  server (\S+) (\S+)$", config, re.M) == masters, node
+        # The same servers again, unchecked, for when none passes its check.
+        assert re.findall(r"^  server (\S+)-unchecked (\S+) backup no-check$", config, re.M) == masters, node
 
 
 def test_node_local_order_and_final_readiness(lab):
