@@ -74,9 +74,6 @@ class _TLSServer(ThreadingHTTPServer):
         except (ssl.SSLError, ConnectionError, TimeoutError):
             pass  # the client went away during the handshake or the reply
 
-    def handle_error(self, request, client_address) -> None:
-        pass  # nothing but a departed client reaches here (see finish_request)
-
 
 class FakeApiServer:
     """An HTTPS server that wants a client certificate: ``/readyz`` answers 200 while
