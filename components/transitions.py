@@ -9,11 +9,19 @@ creates, updates and deletes nothing. A stack that has never run has no outputs:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from components.config import SEMVER_RE, ClusterConfig, ConfigError
 
 READ_STACK_OUTPUTS = "pulumi:pulumi:readStackOutputs"
+# The file backend's read of a checkpoint can fail while the engine writes that same checkpoint:
+# the bucket (gocloud fileblob) renames the checkpoint into place atomically but rewrites its
+# `.json.attrs` sidecar in place, so a read in between decodes an empty file ("failed to load
+# checkpoint: EOF"). `pulumi up` writes the checkpoint as it registers the Stack resource, while
+# this program reads it. Measured: the first `up` of a new e2e stack failed on it after 1 s.
+CHECKPOINT_RACE = "failed to load checkpoint"
+READ_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -50,12 +58,23 @@ def deployed_from_outputs(outputs: dict | None) -> Deployed | None:
     return Deployed(masters=masters, kubernetes=version if isinstance(version, str) else None, etcd_members=etcd)
 
 
-def read_deployed() -> Deployed | None:
-    """This stack's last outputs, from the engine (preview and up alike)."""
+def read_deployed(pause_s: float = 1.0) -> Deployed | None:
+    """This stack's last outputs, from the engine (preview and up alike).
+
+    A read that meets the engine's own checkpoint write (``CHECKPOINT_RACE``) is tried again,
+    up to ``READ_ATTEMPTS`` times ``pause_s`` apart; any other failure, or the same one every
+    time, is raised as the engine gave it."""
     import pulumi
 
     name = f"{pulumi.get_organization()}/{pulumi.get_project()}/{pulumi.get_stack()}"
-    result = pulumi.runtime.invoke(READ_STACK_OUTPUTS, {"name": name})  # raises when the engine cannot
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            result = pulumi.runtime.invoke(READ_STACK_OUTPUTS, {"name": name})
+            break
+        except Exception as err:  # the SDK raises a bare Exception carrying the engine's message
+            if CHECKPOINT_RACE not in str(err) or attempt == READ_ATTEMPTS:
+                raise
+            time.sleep(pause_s)
     return deployed_from_outputs((result.value or {}).get("outputs"))
 
 

@@ -91,3 +91,58 @@ def test_a_skipped_or_backward_minor_version_is_refused(config_for):
     with pytest.raises(ConfigError, match=r"the cluster runs 1.37.2 .* going back a minor version"):
         check_transition(cfg, Deployed(masters=("master-1",), kubernetes="1.37.2"))
     check_transition(cfg, Deployed(masters=("master-1",), kubernetes="1.35.9"))  # one minor up: the upgrade path
+
+
+class _Invoke:
+    """Stands in for ``pulumi.runtime.invoke``: fails with each of ``errors`` in turn, then
+    returns ``outputs`` as the engine's readStackOutputs would."""
+
+    def __init__(self, errors: list[str], outputs: dict) -> None:
+        self.errors, self.outputs, self.calls = list(errors), outputs, 0
+
+    def __call__(self, token: str, args: dict):
+        self.calls += 1
+        assert token == "pulumi:pulumi:readStackOutputs" and args["name"].endswith("/kubelab/dev")
+        if self.errors:
+            raise Exception(self.errors.pop(0))
+        return type("InvokeResult", (), {"value": {"outputs": self.outputs}})()
+
+
+@pytest.fixture
+def engine_stack(monkeypatch):
+    import pulumi
+
+    monkeypatch.setattr(pulumi, "get_organization", lambda: "organization")
+    monkeypatch.setattr(pulumi, "get_project", lambda: "kubelab")
+    monkeypatch.setattr(pulumi, "get_stack", lambda: "dev")
+
+    def install(invoke: _Invoke) -> _Invoke:
+        monkeypatch.setattr(pulumi.runtime, "invoke", invoke)
+        return invoke
+
+    return install
+
+
+RACE = ("invoke of pulumi:pulumi:readStackOutputs failed: invocation of pulumi:pulumi:readStackOutputs "
+        "returned an error: failed to load checkpoint: EOF")
+
+
+def test_a_read_that_meets_the_engines_checkpoint_write_is_tried_again(engine_stack):
+    from components.transitions import read_deployed
+
+    invoke = engine_stack(_Invoke([RACE, RACE], OUTPUTS))
+    assert read_deployed(pause_s=0) == Deployed(masters=("master-1",), kubernetes="1.36.4")
+    assert invoke.calls == 3
+
+
+def test_a_read_that_keeps_failing_or_fails_otherwise_is_raised(engine_stack):
+    from components.transitions import READ_ATTEMPTS, read_deployed
+
+    invoke = engine_stack(_Invoke([RACE] * READ_ATTEMPTS, OUTPUTS))
+    with pytest.raises(Exception, match="failed to load checkpoint: EOF"):
+        read_deployed(pause_s=0)
+    assert invoke.calls == READ_ATTEMPTS
+    invoke = engine_stack(_Invoke(["snapshot integrity failure; refusing to use it"], OUTPUTS))
+    with pytest.raises(Exception, match="snapshot integrity failure"):
+        read_deployed(pause_s=0)
+    assert invoke.calls == 1
