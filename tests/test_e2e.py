@@ -919,7 +919,7 @@ def verify_rolling_upgrade(project: Project, raw: dict, nodes_cfg: list[dict], u
     times = run["times"]
     # The order: the control plane, then each worker between its drain and its uncordon, in turn.
     control = [times[f"{m}-{s}"] for m in masters for s in ("kube-apiserver", "kube-controller-manager", "kube-scheduler")]
-    previous_end, order = max(e for _, e in control), []
+    previous_end, order = max(c[1] for c in control), []
     for w in workers:
         drain, uncordon, kubelet = times[f"{first}-drain-{w}"], times[f"{first}-uncordon-{w}"], times[f"{w}-kubelet"]
         assert drain[0] >= previous_end - 1, f"{w}'s drain started before the step before it ended: {drain} vs {previous_end}"

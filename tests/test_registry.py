@@ -45,7 +45,7 @@ def test_registry_is_seeded_with_the_bundle_images_and_the_users_archives(lab):
     script = unwrap(g.one("master-1-registry").inputs["create"])
     pushed = [line.split()[3] for line in script.splitlines() if line.startswith("push ")]
     assert pushed == ["registry.k8s.io/pause:3.10.1", "registry.k8s.io/coredns/coredns:v1.14.7",
-                      "registry.k8s.io/metrics-server/metrics-server:v0.9.0", "docker.io/team/app:1.0"]
+                      "registry.k8s.io/metrics-server/metrics-server:v0.8.0", "docker.io/team/app:1.0"]
     assert "push images/coredns.tar" in script and " layout" in script and " tarball" in script
     master = files["master-1"]
     served = yaml.safe_load(master["/etc/kubelab/registry/config.yml"])
