@@ -151,6 +151,15 @@ class EtcdConfig:
     heartbeat_interval_ms: int = 100
     election_timeout_ms: int = 1000
 
+    @property
+    def client_check_timeout_s(self) -> int:
+        """How long an API server's etcd health and readiness checks wait (its own default is
+        2 s). A request that meets a leader election waits up to the election timeout, so the
+        checks wait at least that long: with the lab's 5 s elections and 2 s checks, every
+        master's /readyz failed at once under TCG (measured, 3 masters), the node-local load
+        balancers marked them all down and cut the sessions through them."""
+        return max(2, -(-self.election_timeout_ms // 1000))
+
 
 @dataclass(frozen=True)
 class BackupConfig:

@@ -192,7 +192,8 @@ class ControlPlane(pulumi.ComponentResource):
             unit = pulumi.Output.from_input(m.machine.private_address).apply(lambda a: render(
                 "systemd/kube-apiserver.service.j2", address=a, etcd_servers="https://127.0.0.1:2379", local_etcd=True,
                 cluster_domain=net.cluster_domain, service_cidr=net.service_cidr,
-                node_port_range=cfg.apiserver.service_node_port_range))
+                node_port_range=cfg.apiserver.service_node_port_range,
+                etcd_check_timeout_s=cfg.etcd.client_check_timeout_s))
             self.apiserver[n] = m.step("kube-apiserver", "scripts/install-service.sh.j2", StepSpec(
                 units=["kube-apiserver"],
                 binaries=[Binary("bin/kube-apiserver", "/usr/local/bin/kube-apiserver"),

@@ -201,6 +201,17 @@ def test_pod_security_levels_follow_the_config(module_cache):
     assert ps["exemptions"]["namespaces"] == ["kube-system", "monitoring"]
 
 
+def test_apiserver_etcd_checks_wait_out_an_election(lab_files, module_cache):
+    """etcd's defaults keep the API server's own 2 s checks; the lab's slow Raft timing gives
+    them an election timeout (rounded up), so /readyz does not fail on every master at once."""
+    api = lab_files[1]["master-1"]["/etc/systemd/system/kube-apiserver.service"]
+    assert "--etcd-healthcheck-timeout=2s" in api and "--etcd-readycheck-timeout=2s" in api
+    raw = base_config(module_cache, "libvirt")
+    raw["etcd"] = {"heartbeat_interval_ms": 500, "election_timeout_ms": 4500}
+    api = shipped_files(run_program(raw))["master-1"]["/etc/systemd/system/kube-apiserver.service"]
+    assert "--etcd-healthcheck-timeout=5s" in api and "--etcd-readycheck-timeout=5s" in api
+
+
 def test_cgroup_driver_matches_between_kubelet_and_containerd(lab_files):
     _, files = lab_files
     kubelet = yaml.safe_load(files["worker-1"]["/var/lib/kubelet/config.yaml"])
