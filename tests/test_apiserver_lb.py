@@ -180,7 +180,7 @@ def test_haproxy_forwards_only_to_api_servers_that_are_ready(lb, certs):
     port, servers = lb
     # The step's own check: it accepts connections once it listens (retried, as the step does).
     _until(lambda: _connects(port), "haproxy listens", timeout=10)
-    _until(lambda: _served_by(port, certs) == {"master-1", "master-2"}, "both ready masters serve")
+    _until(lambda: _served_by(port, certs) == {"master-1", "master-2"}, "both ready masters serve", timeout=40)
 
     servers["master-1"].ready = False  # /readyz fails: three checks (within 5 + 2 + 2 s) and it is out
     _until(lambda: _served_by(port, certs) == {"master-2"}, "only master-2 serves while master-1 is not ready",
@@ -202,7 +202,7 @@ def test_haproxy_still_connects_when_no_api_server_passes_its_check(lb, certs, t
     tried unchecked, so the client gets the API server's own answer."""
     port, servers = lb
     _until(lambda: _connects(port), "haproxy listens", timeout=10)
-    _until(lambda: _served_by(port, certs) == {"master-1", "master-2"}, "both ready masters serve")
+    _until(lambda: _served_by(port, certs) == {"master-1", "master-2"}, "both ready masters serve", timeout=40)
     for s in servers.values():
         s.ready = False
     log = tmp_path / "haproxy.log"  # the lb fixture's haproxy -db writes its log here
