@@ -260,7 +260,7 @@ def first_event(evs: list[dict]) -> float:
     return min((e["timestamp"] for e in evs if "timestamp" in e), default=0)
 
 
-NODE_UNITS = ("etcd", "kube-apiserver", "kubelab-apiserver-lb", "flanneld", "containerd", "kubelet", "kube-proxy")
+NODE_UNITS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelab-apiserver-lb", "flanneld", "containerd", "kubelet", "kube-proxy")
 
 
 def node_journals(in_ns, nodes_cfg: list[dict], key: Path, dest: Path, lines: int = 60) -> None:
