@@ -488,7 +488,7 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
             verify_master_join_leave(project, raw, nodes_cfg, up, in_ns, kubeconfig, kubectl_bin, prerequisites["key"],
                                      lab, t)
         if TOPOLOGY == "upgrade":
-            verify_rolling_upgrade(project, raw, nodes_cfg, up, in_ns, kubeconfig, kubectl_bin, t)
+            verify_rolling_upgrade(project, raw, nodes_cfg, up, in_ns, kubeconfig, kubectl_bin, prerequisites["key"], t)
         verify_registry(in_ns, kubeconfig, outputs["registryUrl"], nodes_cfg, tmp_path)
         verify_dashboard(in_ns, kubeconfig, kubectl_bin)
         verify_security(in_ns, kubeconfig, kubectl_bin, nodes_cfg[0]["address"], prerequisites["key"], raw["network"]["etcd_prefix"])
@@ -633,9 +633,11 @@ def test_lab_cluster_end_to_end(tmp_path, prerequisites):
         log("e2e passed")
     finally:
         if not destroyed:
-            log(f"after a failure: each node's units and journals (also in {tmp_path / 'node-journals.txt'})")
+            # Kept beside the timings (pytest's tmp dirs are cleaned after three runs).
+            journals = TIMINGS.with_name(f"node-journals-{TOPOLOGY}.txt")
+            log(f"after a failure: each node's units and journals (also in {journals.relative_to(REPO)})")
             try:
-                node_journals(in_ns, stack_nodes(project, nodes_cfg), prerequisites["key"], tmp_path / "node-journals.txt")
+                node_journals(in_ns, stack_nodes(project, nodes_cfg), prerequisites["key"], journals, lines=300)
             except Exception as exc:  # the cleanup below must still run
                 log(f"could not collect the node journals: {exc}")
             log("cleaning up after a failure: pulumi destroy")
@@ -860,8 +862,78 @@ def upgrade_probe(url: str) -> str:
                             "imagePullPolicy": "IfNotPresent"}]}}}})
 
 
+def failure_spans(fails: list[tuple[str, int]], gap: int = 5) -> list[dict]:
+    """Failed probe requests as runs per node: a run ends at a gap of more than ``gap`` s."""
+    spans: list[dict] = []
+    for node, ts in sorted(fails):
+        if spans and spans[-1]["node"] == node and ts - spans[-1]["last"] <= gap:
+            spans[-1]["last"], spans[-1]["count"] = ts, spans[-1]["count"] + 1
+        else:
+            spans.append({"node": node, "first": ts, "last": ts, "count": 1})
+    return spans
+
+
+class UpgradeWatch:
+    """What the data plane looked like through the rolling upgrade, recorded only when it changed
+    (a failed probe request needs its why): every few seconds the Service's endpoints as its
+    EndpointSlices say (node, ready, serving, terminating) and each node's Ready condition, from
+    the API; every ``node_every`` s, on each worker, how many endpoints kube-proxy programmed for
+    the Service, whether it programmed its no-endpoints REJECT, and how many flannel routes the
+    node has. Read ``changes`` beside the probe's failures."""
+
+    def __init__(self, in_ns, kubectl: list[str], service: str, workers: list[dict], key: Path,
+                 every: float = 3.0, node_every: float = 15.0):
+        self.changes: list[dict] = []
+        self._last: dict[str, object] = {}
+        self._stop = threading.Event()
+        self._args = (in_ns, kubectl, service, workers, key, every, node_every)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _note(self, what: str, value: object) -> None:
+        if self._last.get(what) != value:
+            self._last[what] = value
+            self.changes.append({"t": round(time.time(), 1), "what": what, "value": value})
+
+    def _run(self) -> None:
+        in_ns, kubectl, service, workers, key, every, node_every = self._args
+        rule = f"default/{service}"
+        script = (f"sudo -n iptables-save -t nat | grep -F -- '{rule}' | grep -c -- '-j KUBE-SEP' || true; "
+                  f"sudo -n iptables-save -t filter | grep -F -- '{rule}' | grep -c 'has no endpoints' || true; "
+                  "ip route | grep -c 'dev flannel' || true")
+        next_node = 0.0
+        while not self._stop.is_set():
+            try:
+                slices = json.loads(in_ns(*kubectl, "get", "endpointslices", "-l", f"kubernetes.io/service-name={service}",
+                                          "-o", "json", timeout=30).stdout)["items"]
+                self._note("endpoints", sorted(
+                    f"{s['metadata']['name']}:{e.get('nodeName')}:"
+                    + "".join(k[0] for k in ("ready", "serving", "terminating") if (e.get("conditions") or {}).get(k))
+                    for s in slices for e in s.get("endpoints") or []))
+                nodes = json.loads(in_ns(*kubectl, "get", "nodes", "-o", "json", timeout=30).stdout)["items"]
+                self._note("nodes_ready", {n["metadata"]["name"]: next((c["status"] for c in n["status"].get("conditions", [])
+                                                                        if c["type"] == "Ready"), "?") for n in nodes})
+            except Exception as exc:  # the API is down for a while during the upgrade: that is data too
+                self._note("api", f"unreadable: {type(exc).__name__}")
+            else:
+                self._note("api", "ok")
+            if time.monotonic() >= next_node:
+                next_node = time.monotonic() + node_every
+                for w in workers:
+                    proc = in_ns("ssh", *SSH_OPTS, "-i", str(key), f"kubelab@{w['address']}", script, check=False, timeout=60)
+                    counts = proc.stdout.split()
+                    self._note(f"{w['name']}_dataplane", dict(zip(("kube_proxy_endpoints", "reject_rule", "flannel_routes"), counts, strict=True))
+                               if proc.returncode == 0 and len(counts) == 3 else f"unreadable (ssh exit {proc.returncode})")
+            self._stop.wait(every)
+
+    def stop(self) -> list[dict]:
+        self._stop.set()
+        self._thread.join(timeout=120)
+        return self.changes
+
+
 def verify_rolling_upgrade(project: Project, raw: dict, nodes_cfg: list[dict], up, in_ns, kubeconfig: Path,
-                           kubectl_bin: str, t: Timings) -> None:
+                           kubectl_bin: str, key: Path, t: Timings) -> None:
     """``versions.kubernetes`` UPGRADE_FROM -> UPGRADE_TO on the live stack (the lifecycle
     issue's rolling upgrade): the preview plans updates only, among them each worker's drain and
     uncordon; `pulumi up` changes the control plane first, then one worker at a time between its
@@ -914,7 +986,13 @@ def verify_rolling_upgrade(project: Project, raw: dict, nodes_cfg: list[dict], u
     log(f"rolling upgrade to {UPGRADE_TO}: {out['planned']} planned")
 
     started = time.time()
-    out["up_s"], run = up("upgrade", timeout=5400)
+    watch = UpgradeWatch(in_ns, kubectl, UPGRADE_WEB, [n for n in nodes_cfg if n["role"] == "worker"], key)
+    try:
+        out["up_s"], run = up("upgrade", timeout=5400)
+    finally:
+        out["dataplane"] = watch.stop()
+        t["rolling_upgrade"] = out
+        t.save()
     ended = time.time()
     times = run["times"]
     # The order: the control plane, then each worker between its drain and its uncordon, in turn.
@@ -937,7 +1015,10 @@ def verify_rolling_upgrade(project: Project, raw: dict, nodes_cfg: list[dict], u
     cordoned = [n["metadata"]["name"] for n in nodes if n["spec"].get("unschedulable")]
     lines = [r for r in probe_lines() if started <= r[1] <= ended]
     failed = [r[2] for r in lines if r[0] == "FAIL"]
-    out["probe"] = {"requests": len(lines), "failed": len(failed), "first_failures": failed[:10]}
+    out["probe"] = {"requests": len(lines), "failed": len(failed), "first_failures": failed[:10],
+                    # each run of failures on a node: first and last second, how many
+                    "failed_spans": failure_spans([(r[2].split(":", 1)[0], r[1]) for r in lines if r[0] == "FAIL"])}
+    out["steps"] = {k: [round(v[0] - started, 1), round(v[1] - started, 1)] for k, v in sorted(times.items(), key=lambda kv: kv[1][0])}
     t["rolling_upgrade"] = out
     t.save()
     assert set(versions.values()) == {want} and server == want, (versions, server)
