@@ -212,6 +212,38 @@ def test_apiserver_etcd_checks_wait_out_an_election(lab_files, module_cache):
     assert "--etcd-healthcheck-timeout=5s" in api and "--etcd-readycheck-timeout=5s" in api
 
 
+
+@pytest.mark.parametrize("reads, leads", [
+    (["master-1_old 2026-12-07T23:11:40.100000Z", "master-1_old 2026-12-07T23:11:40.100000Z"], False),  # stopped: renews nothing
+    (["master-1_old 2026-12-07T23:11:40.100000Z", "master-1_new 2026-12-07T23:12:50.200000Z"], False),  # taking over: ask again
+    (["master-1_new 2026-12-07T23:12:50.200000Z", "master-1_new 2026-12-07T23:12:55.300000Z"], True),
+    (["master-2_x 2026-12-07T23:12:50.200000Z", "master-2_x 2026-12-07T23:12:55.300000Z"], True),  # another master leads
+    ([None, None], False),  # no lease yet (or the API does not answer)
+])
+def test_controllers_step_waits_until_an_instance_leads(lab_files, tmp_path, reads, leads):
+    """The controller-manager and scheduler steps go on only when a live instance holds their
+    leader lease (its renewTime moves under the same holder), not the one the step stopped."""
+    g, _ = lab_files
+    scripts = {r.name: unwrap(r.inputs["create"]) for r in g.find(CMD)}
+    for step, lease in (("master-1-kube-controller-manager", "kube-controller-manager"), ("master-1-kube-scheduler", "kube-scheduler")):
+        script = scripts[step]
+        assert re.search(rf"^retry \d+ \d+ leads {lease}$", script, re.M), step
+        assert script.index("start_units") < script.index(f"leads {lease}\n")
+        functions = script[script.index("lease_holder() {"):script.index("\n}\n", script.index("leads() {")) + 3]
+        fake = tmp_path / step
+        fake.mkdir()
+        n = fake / "n"
+        answers = "\n".join(f'{i}) {"echo -n " + repr(r) if r else "exit 1"} ;;' for i, r in enumerate(reads, 1))
+        (fake / "kubectl").write_text(f'#!/bin/bash\n[[ " $* " == *" get lease {lease} "* ]] || exit 2\n'
+                                      f'c=$(( $(cat {n} 2>/dev/null || echo 0) + 1 )); echo $c >{n}\ncase $c in\n{answers}\nesac\n')
+        (fake / "sleep").write_text("#!/bin/sh\nexit 0\n")
+        for f in ("kubectl", "sleep"):
+            (fake / f).chmod(0o755)
+        proc = subprocess.run(["bash", "-c", functions.replace("/usr/local/bin/kubectl", str(fake / "kubectl")) + f"\nleads {lease}"],
+                              capture_output=True, text=True, check=False, timeout=30,
+                              env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+        assert (proc.returncode == 0) is leads, (step, reads, proc.stdout, proc.stderr)
+
 def test_cgroup_driver_matches_between_kubelet_and_containerd(lab_files):
     _, files = lab_files
     kubelet = yaml.safe_load(files["worker-1"]["/var/lib/kubelet/config.yaml"])
