@@ -929,7 +929,11 @@ class UpgradeWatch:
             if time.monotonic() >= next_node:
                 next_node = time.monotonic() + node_every
                 for w in workers:
-                    proc = in_ns("ssh", *SSH_OPTS, "-i", str(key), f"kubelab@{w['address']}", script, check=False, timeout=60)
+                    try:
+                        proc = in_ns("ssh", *SSH_OPTS, "-i", str(key), f"kubelab@{w['address']}", script, check=False, timeout=60)
+                    except subprocess.TimeoutExpired:  # a stalled node is data too; the record goes on
+                        self._note(f"{w['name']}_dataplane", "unreadable (ssh timed out)")
+                        continue
                     counts = proc.stdout.split()
                     self._note(f"{w['name']}_dataplane", dict(zip(("kube_proxy_endpoints", "reject_rule", "flannel_routes"), counts, strict=True))
                                if proc.returncode == 0 and len(counts) == 3 else f"unreadable (ssh exit {proc.returncode})")
