@@ -239,10 +239,9 @@ class ControlPlane(pulumi.ComponentResource):
                     "systemd/kube-controller-manager.service.j2", cluster_name=cfg.name, service_cidr=net.service_cidr))],
                 secret_files=[SecretFile("/etc/kubernetes/pki/ca.key", pki.ca.key),
                               SecretFile("/etc/kubernetes/kube-controller-manager.kubeconfig", cm_kc)],
-                # Healthy, then leading: some instance runs the controllers before the next step
-                # (on a rolling upgrade, the workers' drains) goes on (templates: leads).
-                checks=[Check("curl -sfk https://127.0.0.1:10257/healthz -o /dev/null"),
-                        Check("leads kube-controller-manager", tries=45)],
+                # Healthy, then leading (leader_lease: the step waits until a live instance holds
+                # it) before the next step, on a rolling upgrade the workers' drains, goes on.
+                checks=[Check("curl -sfk https://127.0.0.1:10257/healthz -o /dev/null")],
                 context={"leader_lease": "kube-controller-manager"},
             ), parent=self, depends_on=[self.apiserver[n], *one_after(masters[:i], self.controller_manager)])
             sched_kc = kubeconfig(cfg.name, LOCAL_API, pki.ca.cert, pki.scheduler, "system:kube-scheduler")
@@ -251,8 +250,7 @@ class ControlPlane(pulumi.ComponentResource):
                 binaries=[Binary("bin/kube-scheduler", "/usr/local/bin/kube-scheduler")],
                 files=[File("/etc/systemd/system/kube-scheduler.service", render("systemd/kube-scheduler.service.j2"))],
                 secret_files=[SecretFile("/etc/kubernetes/kube-scheduler.kubeconfig", sched_kc)],
-                checks=[Check("curl -sfk https://127.0.0.1:10259/healthz -o /dev/null"),
-                        Check("leads kube-scheduler", tries=45)],
+                checks=[Check("curl -sfk https://127.0.0.1:10259/healthz -o /dev/null")],
                 context={"leader_lease": "kube-scheduler"},
             ), parent=self, depends_on=[self.apiserver[n], *one_after(masters[:i], self.scheduler)])
 
